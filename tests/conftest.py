@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny random LLaMA (no download) and, for tests marked
+``slow``, the bundled SmolLM2 checkpoint and text (built once into the cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compress.models.tiny import build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Path of a deterministic tiny LLaMA checkpoint (GQA, byte tokenizer)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    """A fresh fp32 copy of the tiny model, in eval mode."""
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
