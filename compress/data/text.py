@@ -144,8 +144,12 @@ def load_documents(split: str) -> list[str]:
 
 
 def split_text(split: str) -> str:
-    """The documents of ``split`` joined with blank lines."""
-    return "\n\n".join(load_documents(split))
+    """The documents of ``split`` joined with blank lines.
+
+    ``split`` is a bundled split name or any spec :func:`resolve_text_source`
+    accepts (a .txt/.jsonl path, ``hf:DATASET[:CONFIG]:SPLIT``).
+    """
+    return "\n\n".join(resolve_text_source(split))
 
 
 # ---------------------------------------------------------------- tokens
