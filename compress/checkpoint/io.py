@@ -243,12 +243,15 @@ def _save_side_files(model: nn.Module, tokenizer: Any | None, directory: Path) -
 # =============================================================================
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
-                    device: str | torch.device = "cpu", decompress: bool = True) -> LoadedCheckpoint:
+                    device: str | torch.device = "cpu", decompress: bool = True,
+                    compress_threshold: float | None = None) -> LoadedCheckpoint:
     """Load a sparse-serve, llm-compressor sparse-bitmask or plain HF checkpoint.
 
     ``dtype=None`` keeps the dtype recorded in config.json. With
     ``decompress=False`` bitmask-stored linears stay in ``sparse_weights`` and
-    their ``weight`` stays on the meta device.
+    their ``weight`` stays on the meta device; ``compress_threshold`` then also
+    compresses on load every dense-stored linear with at least that fraction of
+    zeros (a dense checkpoint that merely contains zeros), freeing its dense copy.
     """
     path = _checked_dir(path)
     raw_config = _read_json(path / CONFIG_NAME, what="config.json")
@@ -266,6 +269,8 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = torch.bfloa
     _check_manifest_tensors(manifest, dense, sparse, expected, path)
     _check_tensors(dense, sparse, expected, tied, path)
     kept = _assign_weights(model, dense, sparse, dtype, torch.device(device), decompress)
+    if not decompress and compress_threshold is not None:
+        kept.update(_compress_on_load(model, adapter, kept, compress_threshold))
     if tied:
         model.tie_weights()
     _check_materialised(model, set(kept), path)
@@ -495,6 +500,21 @@ def _assign_weights(model: nn.Module, dense: dict[str, Tensor], sparse: dict[str
     model.load_state_dict(state, strict=False, assign=True)
     _move_buffers(model, device)
     return kept
+
+
+def _compress_on_load(model: nn.Module, adapter: ModelAdapter, kept: dict[str, BitmaskTensor],
+                      threshold: float) -> dict[str, BitmaskTensor]:
+    """Bitmask-compress dense linears with >= ``threshold`` zeros; their weight goes to meta."""
+    out: dict[str, BitmaskTensor] = {}
+    for name in adapter.linear_weight_names():
+        weight = model.get_parameter(name)
+        if name in kept or weight.device.type == "meta" or _zero_fraction(weight) < threshold:
+            continue
+        out[name] = compress(weight.detach())
+        module_name, _, attr = name.rpartition(".")
+        meta = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(meta, requires_grad=False))
+    return out
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -185,6 +185,19 @@ def test_dense_hf_checkpoint_with_zeros_is_detected(pruned_bf16, tiny_tokenizer,
     assert compress_model_linears(loaded.model, threshold=0.8) == {}
 
 
+def test_dense_checkpoint_with_zeros_is_compressed_on_load(pruned_bf16, tiny_tokenizer, tmp_path):
+    pruned_bf16.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer.save_pretrained(tmp_path / "hf")
+    loaded = load_checkpoint(tmp_path / "hf", decompress=False, compress_threshold=0.5)
+    names = get_adapter(pruned_bf16).linear_weight_names()
+    assert set(loaded.sparse_weights) == set(names)
+    for name in names:
+        assert loaded.model.get_parameter(name).device.type == "meta"  # no dense copy kept
+        assert torch.equal(loaded.sparse_weights[name].decompress(), pruned_bf16.get_parameter(name))
+    untouched = load_checkpoint(tmp_path / "hf", decompress=False, compress_threshold=0.9)
+    assert untouched.sparse_weights == {}
+
+
 def test_llm_compressor_checkpoint_without_manifest(sparse_copy, pruned_bf16):
     (sparse_copy / MANIFEST_NAME).unlink()
     loaded = load_checkpoint(sparse_copy)

@@ -30,6 +30,7 @@ def test_perplexity_max_windows_and_short_text(tiny_model):
         perplexity(tiny_model, stream, seq_len=500, progress=False)
 
 
+@torch.no_grad()
 def _direct_logprob(model, tokenizer, context: str, continuation: str) -> float:
     ctx = tokenizer(context, add_special_tokens=False).input_ids
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
