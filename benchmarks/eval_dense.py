@@ -12,25 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 
-import torch
-import transformers
-
+from common import run_facts
 from compress.data.tasks import SEVEN_TASKS
 from compress.eval import DTYPES, EvalConfig, run_evaluation
 from compress.models.registry import fetch_model
-
-
-def run_facts() -> dict:
-    """What was run, where, and how busy the machine was."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "commit": commit or None,
-            "loadavg": os.getloadavg(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 def main() -> None:

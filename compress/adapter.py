@@ -47,6 +47,8 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: relative names of the linears of a decoder layer, in forward order
     linear_names: ClassVar[tuple[str, ...]] = ()
+    #: linears that read the same input tensor (their input statistics are shared)
+    input_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -117,6 +119,8 @@ class LlamaAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen2")
     linear_names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    input_groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
     def decoder(self) -> nn.Module:
         return self.model.model

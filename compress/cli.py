@@ -77,6 +77,45 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- prune -------------------------------------------------------------------------
+def _configure_prune(p: argparse.ArgumentParser) -> None:
+    from compress.sparsity.recipe import PruneRecipe
+
+    p.add_argument("model", help="checkpoint directory or bundled model name")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--recipe", type=Path, help="YAML recipe (flags below override its fields)")
+    add_config_flags(p, PruneRecipe)
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override any recipe field, nested ones too (e.g. --set calibration.samples=32)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.partial/")
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe: YAML file, then flags, then --set overrides; validated."""
+    from compress.cliutil import deep_merge, parse_set
+    from compress.sparsity.recipe import PruneRecipe, parse_recipe, read_recipe_file
+
+    raw = read_recipe_file(args.recipe) if args.recipe else {}
+    flags = {k: getattr(args, k) for k in PruneRecipe.model_fields if getattr(args, k, None) is not None}
+    raw = deep_merge(deep_merge(raw, flags), parse_set(args.overrides))
+    return parse_recipe(raw, where=str(args.recipe or "recipe"))
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from compress.models.registry import resolve_model
+    from compress.sparsity.job import REPORT_PNG, run_prune_job
+
+    recipe = recipe_from_args(args)
+    report = run_prune_job(resolve_model(args.model), recipe, args.output, resume=args.resume)
+    print(f"pruned to {report.achieved_sparsity:.4f} sparsity ({recipe.method}, {recipe.allocation}, "
+          f"{recipe.pattern}) in {report.seconds['total']:.1f} s -> {args.output} "
+          f"(plot: {args.output / REPORT_PNG})")
+    print(json.dumps({"output": str(args.output), "achieved_sparsity": report.achieved_sparsity,
+                      "layer_rates": report.layer_rates, "seconds": report.seconds,
+                      "allocation": {k: v for k, v in report.allocation.items() if k != "cka"}}))
+    return 0
+
+
 # -- export --------------------------------------------------------------------
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="sparse-serve checkpoint directory")
@@ -108,6 +147,8 @@ def _run_info(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "models": Command("bundled models (fetch, list)", _configure_models, _run_models),
+    "prune": Command("layer-wise unstructured / N:M pruning (Wanda, SparseGPT, magnitude; "
+                     "uniform, OWL, ATP, RMI allocation)", _configure_prune, _run_prune),
     "eval": Command("perplexity and zero-shot accuracy of a checkpoint", _configure_eval, _run_eval),
     "export": Command("convert a checkpoint for other tools", _configure_export, _run_export),
     "info": Command("show a checkpoint's manifest summary", _configure_info, _run_info),

@@ -31,9 +31,11 @@ def _base_type(annotation: Any) -> Any:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config: type[BaseModel]) -> None:
-    """Add a flag for every field of ``config`` to ``parser``."""
+    """Add a flag for every scalar or list field of ``config`` (nested sections: ``--set``)."""
     for name, field in config.model_fields.items():
         kind = _base_type(field.annotation)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            continue
         default = field.get_default(call_default_factory=True)
         help_text = f"{field.description or ''} (default: {default})"
         if kind is bool:
@@ -53,3 +55,28 @@ def config_from_args(config: type[BaseModel], args: argparse.Namespace) -> BaseM
     """The validated config: flags the user gave override the field defaults."""
     given = {k: getattr(args, k) for k in config.model_fields if getattr(args, k, None) is not None}
     return config(**given)
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE (e.g. calibration.samples=32), got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = deep_merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
+    return merged

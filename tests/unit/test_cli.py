@@ -60,3 +60,50 @@ def test_export_dense_writes_plain_checkpoint(tiny_copy, tmp_path, capsys):
     assert main(["export", str(tiny_copy), "-o", str(tmp_path / "plain"), "--dense"]) == 0
     assert (tmp_path / "plain" / "config.json").is_file()
     assert not (tmp_path / "plain" / MANIFEST_NAME).exists()
+
+
+SMALL_CAL = ["--set", "calibration.samples=4", "--set", "calibration.seq_len=32"]
+
+
+def test_prune_writes_checkpoint_report_and_plot(tiny_copy, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_copy), "-o", str(out), "--method", "wanda", "--sparsity", "0.6",
+                 "--allocation", "owl", *SMALL_CAL]) == 0
+    manifest = load_manifest(out)
+    assert manifest.recipe["method"] == "wanda" and manifest.recipe["calibration"]["samples"] == 4
+    assert all(info.storage == "sparse-bitmask" for info in manifest.linears.values())
+    report = json.loads((out / "prune_report.json").read_text())
+    assert len(report["layers"]) == 3 and report["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert (out / "prune_report.png").stat().st_size > 1000
+    assert not (tmp_path / "pruned.partial").exists()  # state removed after success
+    assert main(["eval", str(out), "--seq-len", "32", "--max-windows", "1", "--dtype", "float32"]) == 0
+    assert "perplexity/eval@32" in load_manifest(out).evaluation
+
+
+def test_prune_recipe_file_and_flag_override(tiny_copy, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: magnitude\nsparsity: 0.7\nallocation: atp\natp:\n  beta: 0.1\n")
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_copy), "-o", str(out), "--recipe", str(recipe), "--sparsity", "0.5",
+                 *SMALL_CAL]) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["layer_rates"] == pytest.approx([0.4, 0.5, 0.6])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.5"], "sparsity"),
+    (["--set", "atp.bogus=1"], "atp.bogus"),
+    (["--allocation", "atp", "--set", "atp.beta=0.9"], "legal range"),
+    (["--recipe", "/no/recipe.yaml"], "does not exist"),
+])
+def test_prune_bad_input(tiny_copy, tmp_path, capsys, extra, message):
+    assert main(["prune", str(tiny_copy), "-o", str(tmp_path / "o"), *SMALL_CAL, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_refuses_to_ignore_an_interrupted_run(tiny_copy, tmp_path, capsys):
+    (tmp_path / "o.partial").mkdir()
+    assert main(["prune", str(tiny_copy), "-o", str(tmp_path / "o"), *SMALL_CAL]) == 2
+    assert "--resume" in capsys.readouterr().err
