@@ -70,6 +70,8 @@ def plot_report(report: PruneReport, path: Path) -> Path:
     top.plot(idx, report.layer_rates, "o-", label="allocated")
     top.plot(idx, achieved, "x", label="achieved (mean over linears)")
     top.axhline(report.target_sparsity, color="gray", lw=0.8, ls="--", label=f"target {report.target_sparsity:g}")
+    values = list(report.layer_rates) + achieved
+    top.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
     top.set_ylabel("sparsity")
     top.legend(fontsize=8)
     r = report.recipe

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -178,35 +178,75 @@ def atp_search(model: nn.Module, adapter: ModelAdapter, tokenizer, recipe: Prune
 
 
 # -- allocation ----------------------------------------------------------------------------
-def allocate(model: nn.Module, tokenizer, recipe: PruneRecipe, targets: list[list[str]], runner_factory,
-             pruner: Pruner, progress: bool) -> tuple[list[float], dict[str, Any]]:
+@dataclass
+class AllocationJob:
+    """Everything an allocator may need; each computes only what it uses."""
+
+    model: nn.Module
+    tokenizer: Any
+    recipe: PruneRecipe
+    targets: list[list[str]]
+    runner: Callable[[], SequentialRunner]
+    pruner: Pruner
+    progress: bool
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return get_adapter(self.model)
+
+    @property
+    def params(self) -> list[int]:
+        return layer_params(self.adapter, self.targets)
+
+
+Allocation = tuple[list[float], dict[str, Any]]  # per-layer rates, facts for the report
+
+
+def _uniform(job: AllocationJob) -> Allocation:
+    return alloc.uniform(job.adapter.num_layers, job.recipe.sparsity, job.params), {}
+
+
+def _explicit(job: AllocationJob) -> Allocation:
+    return alloc.explicit(job.recipe.rates, None, job.params), {}
+
+
+def _owl(job: AllocationJob) -> Allocation:
+    dense = dense_pass(job.runner(), job.targets, get_pruner("wanda"))
+    ratios = outlier_ratios(job.model, job.adapter, job.targets, dense, job.recipe.owl.m)
+    rates = alloc.owl(ratios, job.recipe.sparsity, job.recipe.owl.lam, job.params)
+    return rates, {"outlier_ratios": ratios, "lam": job.recipe.owl.lam}
+
+
+def _atp(job: AllocationJob) -> Allocation:
+    L, S, beta = job.adapter.num_layers, job.recipe.sparsity, job.recipe.atp.beta
+    facts: dict[str, Any] = {"beta": beta}
+    if beta is None:
+        dense = dense_pass(job.runner(), job.targets, job.pruner)
+        facts = atp_search(job.model, job.adapter, job.tokenizer, job.recipe, job.targets, job.params, dense,
+                           job.pruner, job.progress)
+    return alloc.atp(L, S, facts["beta"], job.params), facts
+
+
+def _rmi(job: AllocationJob) -> Allocation:
+    r, S = job.recipe, job.recipe.sparsity
+    dense = dense_pass(job.runner(), job.targets, None, gram_samples=r.rmi.samples)
+    cka = alloc.cka_from_grams(dense.grams)
+    importance = alloc.rmi_importance(cka, r.rmi_gamma())
+    delta = r.rmi.delta or alloc.rmi_delta(S)
+    rates = alloc.solve_allocation_lp(importance, S, delta, job.params)
+    return rates, {"gamma": r.rmi_gamma(), "delta": delta, "importance": [float(v) for v in importance],
+                   "cka": cka.tolist()}
+
+
+ALLOCATORS: dict[str, Callable[[AllocationJob], Allocation]] = {
+    "uniform": _uniform, "explicit": _explicit, "owl": _owl, "atp": _atp, "rmi": _rmi,
+}
+
+
+def allocate(job: AllocationJob) -> Allocation:
     """Per-layer sparsities as the recipe's allocation says, plus facts for the report."""
-    adapter = get_adapter(model)
-    L, S = adapter.num_layers, recipe.sparsity
-    params = layer_params(adapter, targets)
-    kind = recipe.allocation
-    if kind == "uniform":
-        return alloc.uniform(L, S, params), {"name": kind}
-    if kind == "explicit":
-        return alloc.explicit(recipe.rates, None, params), {"name": kind}
-    if kind == "atp" and recipe.atp.beta is not None:
-        return alloc.atp(L, S, recipe.atp.beta, params), {"name": kind, "beta": recipe.atp.beta}
-    if kind == "rmi":
-        dense = dense_pass(runner_factory(), targets, None, gram_samples=recipe.rmi.samples)
-        cka = alloc.cka_from_grams(dense.grams)
-        importance = alloc.rmi_importance(cka, recipe.rmi_gamma())
-        delta = recipe.rmi.delta or alloc.rmi_delta(S)
-        rates = alloc.solve_allocation_lp(importance, S, delta, params)
-        return rates, {"name": kind, "gamma": recipe.rmi_gamma(), "delta": delta,
-                       "importance": [float(v) for v in importance], "cka": cka.tolist()}
-    stats_pruner = get_pruner("wanda") if kind == "owl" else pruner
-    dense = dense_pass(runner_factory(), targets, stats_pruner)
-    if kind == "owl":
-        ratios = outlier_ratios(model, adapter, targets, dense, recipe.owl.m)
-        return alloc.owl(ratios, S, recipe.owl.lam, params), {"name": kind, "outlier_ratios": ratios,
-                                                                "lam": recipe.owl.lam}
-    facts = atp_search(model, adapter, tokenizer, recipe, targets, params, dense, pruner, progress)
-    return alloc.atp(L, S, facts["beta"], params), {"name": kind, **facts}
+    rates, facts = ALLOCATORS[job.recipe.allocation](job)
+    return rates, {"name": job.recipe.allocation, **facts}
 
 
 # -- the whole job -------------------------------------------------------------------------
@@ -242,8 +282,8 @@ def prune_model(model: nn.Module, tokenizer, recipe: PruneRecipe, state_dir: str
         return SequentialRunner(model, ids, cal.batch_size, state_dir=directory, job_id=job_id, progress=progress)
 
     start = time.perf_counter()
-    rates, facts = _cached_allocation(state, job_id, lambda: allocate(model, tokenizer, recipe, targets, runner,
-                                                                        pruner, progress))
+    job_spec = AllocationJob(model, tokenizer, recipe, targets, runner, pruner, progress)
+    rates, facts = _cached_allocation(state, job_id, lambda: allocate(job_spec))
     allocated = time.perf_counter()
     pattern = parse_pattern(recipe.pattern)
 
