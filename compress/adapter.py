@@ -69,6 +69,10 @@ class ModelAdapter:
         """State-dict prefix of layer ``index`` (e.g. ``model.layers.3``)."""
         raise NotImplementedError
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's head on the last layer's outputs: hidden [B, T, D] -> logits [B, T, V]."""
+        raise NotImplementedError
+
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
         """The layer's linears by relative name, in forward order."""
         return {name: layer.get_submodule(name) for name in self.linear_names}
@@ -130,6 +134,9 @@ class LlamaAdapter(ModelAdapter):
 
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}"
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.decoder().norm(hidden))
 
     @property
     def head_dim(self) -> int:

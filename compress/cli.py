@@ -88,6 +88,8 @@ def _configure_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override any recipe field, nested ones too (e.g. --set calibration.samples=32)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.partial/")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the decoder layers on disk and load one at a time (models larger than RAM)")
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -106,7 +108,8 @@ def _run_prune(args: argparse.Namespace) -> int:
     from compress.sparsity.job import REPORT_PNG, run_prune_job
 
     recipe = recipe_from_args(args)
-    report = run_prune_job(resolve_model(args.model), recipe, args.output, resume=args.resume)
+    report = run_prune_job(resolve_model(args.model), recipe, args.output, resume=args.resume,
+                           offload=args.offload)
     print(f"pruned to {report.achieved_sparsity:.4f} sparsity ({recipe.method}, {recipe.allocation}, "
           f"{recipe.pattern}) in {report.seconds['total']:.1f} s -> {args.output} "
           f"(plot: {args.output / REPORT_PNG})")

@@ -39,12 +39,12 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 
@@ -101,26 +101,41 @@ class LoadedCheckpoint:
 def save_checkpoint(model: nn.Module, tokenizer: Any | None, out_dir: str | Path, *,
                     recipe: dict | None = None, base_model: str | None = None,
                     evaluation: dict | None = None, compress_threshold: float = 0.3,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Manifest:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    layer_files: Sequence[Path] | None = None) -> Manifest:
     """Write ``model`` (+ tokenizer, generation config, manifest) to ``out_dir`` atomically.
 
     Linears with sparsity >= ``compress_threshold`` are stored as sparse-bitmask.
     ``out_dir`` may exist only if it is empty or already a sparse-serve checkpoint.
+    Tensors are compressed and written one decoder layer at a time; with
+    ``layer_files`` (offloaded compression) layer ``i``'s weights are read from
+    ``layer_files[i]`` (the layer's state dict as safetensors) instead of the
+    model, whose decoder layers may then sit on the meta device.
     """
     out_dir = Path(out_dir)
     _check_replaceable(out_dir, _is_sparse_serve_or_empty)
     adapter = _adapter_or_error(model, where="save_checkpoint")
-    tensors = _state_for_save(model)
-    linears, sparse = _compress_linears(tensors, adapter.linear_weight_names(), compress_threshold)
+    if layer_files is not None and len(layer_files) != adapter.num_layers:
+        raise ValueError(f"layer_files has {len(layer_files)} entries for {adapter.num_layers} layers")
+    linear_names = set(adapter.linear_weight_names())
     structures = [adapter.layer_structure(i) for i in range(adapter.num_layers)]
-    config = _config_for_save(model, structures, linears, tensors)
-    manifest = Manifest.new(linears=linears, recipe=recipe, base_model=base_model, evaluation=evaluation,
-                            layers=[LayerInfo.from_structure(i, s) for i, s in enumerate(structures)])
-    for name, bitmask in sparse.items():
-        del tensors[name]
-        tensors.update(bitmask.to_state_dict(_prefix(name)))
+    linears: dict[str, LinearInfo] = {}
+    dtypes: list[torch.dtype] = []
     with _atomic_dir(out_dir, _is_sparse_serve_or_empty) as tmp:
-        _write_weights(tmp, tensors, max_shard_bytes)
+        writer = _ShardWriter(tmp, max_shard_bytes)
+        for group in _tensor_groups(model, adapter, layer_files):
+            dtypes += [t.dtype for t in group.values() if t.is_floating_point()]
+            infos, sparse = _compress_linears(group, [n for n in group if n in linear_names], compress_threshold)
+            linears.update(infos)
+            for name, bitmask in sparse.items():
+                del group[name]
+                group.update(bitmask.to_state_dict(_prefix(name)))
+            writer.add(group)
+        writer.finish()
+        linears = {name: linears[name] for name in adapter.linear_weight_names()}  # forward order
+        config = _config_for_save(model, structures, linears, max(set(dtypes), key=dtypes.count))
+        manifest = Manifest.new(linears=linears, recipe=recipe, base_model=base_model, evaluation=evaluation,
+                                layers=[LayerInfo.from_structure(i, s) for i, s in enumerate(structures)])
         _write_json(tmp / CONFIG_NAME, config)
         _save_side_files(model, tokenizer, tmp)
         save_manifest(tmp, manifest)
@@ -138,14 +153,29 @@ def compress_model_linears(model: nn.Module, threshold: float) -> dict[str, Bitm
     return out
 
 
-def _state_for_save(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict to write: tied copies dropped, CPU, contiguous, no shared storage."""
+def _tensor_groups(model: nn.Module, adapter: ModelAdapter,
+                   layer_files: Sequence[Path] | None) -> Iterator[dict[str, Tensor]]:
+    """The tensors to write, one group at a time: everything outside the decoder layers, then each layer.
+
+    Tied copies are dropped; tensors come back on the CPU, contiguous, with no shared storage.
+    """
     state = model.state_dict()
     for target in _tied_targets(model):
         state.pop(target, None)
-    out: dict[str, Tensor] = {}
+    prefixes = [adapter.layer_prefix(i) + "." for i in range(adapter.num_layers)]
     seen: set[tuple[int, int]] = set()
-    for name, tensor in state.items():
+    yield _for_save({n: t for n, t in state.items() if not n.startswith(tuple(prefixes))}, seen)
+    for i, prefix in enumerate(prefixes):
+        if layer_files is None:
+            group = {n: t for n, t in state.items() if n.startswith(prefix)}
+        else:
+            group = {prefix + n: t for n, t in load_file(str(layer_files[i])).items()}
+        yield _for_save(group, seen)
+
+
+def _for_save(tensors: dict[str, Tensor], seen: set[tuple[int, int]]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
         if tensor.device.type == "meta":
             raise CheckpointError(f"cannot save: {name} is on the meta device (was the model loaded with "
                                   "decompress=False?). Load it with decompress=True before saving.")
@@ -171,13 +201,13 @@ def _compress_linears(tensors: dict[str, Tensor], names: list[str],
 
 
 def _config_for_save(model: nn.Module, structures: list[LayerStructure],
-                     linears: dict[str, LinearInfo], tensors: dict[str, Tensor]) -> dict[str, Any]:
+                     linears: dict[str, LinearInfo], dtype: torch.dtype) -> dict[str, Any]:
     config = copy.deepcopy(model.config)
     for key in (*COMPRESSION_KEYS, LAYERS_KEY):
         if hasattr(config, key):
             delattr(config, key)
     config.architectures = [type(model).__name__]
-    config.dtype = _model_dtype(tensors)
+    config.dtype = dtype
     if structures != _config_structures(config):
         setattr(config, LAYERS_KEY, [s.to_dict() for s in structures])
     out = config.to_diff_dict()
@@ -202,32 +232,45 @@ def _sparsity_block(linears: dict[str, LinearInfo]) -> dict[str, Any] | None:
                                 "ignore": ["lm_head"]}}
 
 
-def _write_weights(directory: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> None:
-    shards = _shard(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        return
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / filename), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_bytes`` (a larger single tensor gets its
+    own), holding one shard in memory at a time; ``finish`` names them as Hugging Face does."""
 
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.total_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
 
-def _shard(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
-    """Greedy split into shards of at most ``max_bytes`` (a larger single tensor gets its own)."""
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards
+    def add(self, tensors: dict[str, Tensor]) -> None:
+        for name, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self._flush()
+            self.pending[name] = tensor
+            self.pending_bytes += nbytes
+            self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.directory / WEIGHTS_NAME)
+            return
+        weight_map: dict[str, str] = {}
+        for i, (path, names) in enumerate(self.written, start=1):
+            filename = f"model-{i:05d}-of-{len(self.written):05d}.safetensors"
+            path.rename(self.directory / filename)
+            weight_map.update(dict.fromkeys(names, filename))
+        _write_json(self.directory / INDEX_NAME,
+                    {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
 
 
 def _save_side_files(model: nn.Module, tokenizer: Any | None, directory: Path) -> None:
@@ -653,11 +696,6 @@ def _config_structures(config: PretrainedConfig) -> list[LayerStructure]:
     """The layer structures ``config`` builds when nothing is resized."""
     adapter = get_adapter(_meta_model(config))
     return [adapter.layer_structure(i) for i in range(adapter.num_layers)]
-
-
-def _model_dtype(tensors: dict[str, Tensor]) -> torch.dtype:
-    floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
-    return max(set(floating), key=floating.count) if floating else torch.float32
 
 
 def _zero_fraction(weight: Tensor) -> float:

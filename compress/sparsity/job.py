@@ -6,6 +6,12 @@ an interrupted run continues with ``resume=True`` (and refuses to start over
 silently when such a state exists); writes a sparse-serve checkpoint whose
 manifest carries the recipe and the prune report, plus ``prune_report.json``
 and ``prune_report.png`` (per-layer sparsity and reconstruction error).
+
+With ``offload=True`` the model's decoder layers stay on disk (meta device)
+and are loaded one at a time (:mod:`compress.checkpoint.layerwise`): memory
+holds the embeddings and head, one layer and the calibration hidden states,
+so a model larger than RAM can be pruned; the result is bit-identical to an
+in-memory run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 import torch
 
 from compress.checkpoint import load_checkpoint, load_manifest, save_checkpoint, save_manifest
+from compress.checkpoint.layerwise import open_layerwise
 from compress.sparsity.prune import PruneReport, prune_model
 from compress.sparsity.recipe import PruneRecipe
 
@@ -39,14 +46,20 @@ def check_output(out: Path, state: Path, resume: bool) -> None:
 
 
 def run_prune_job(model_path: Path, recipe: PruneRecipe, out: Path, resume: bool = False,
-                  state_dir: Path | None = None, progress: bool = True) -> PruneReport:
-    """Prune the checkpoint at ``model_path`` into ``out``."""
+                  state_dir: Path | None = None, progress: bool = True, offload: bool = False,
+                  persist_every_s: float = 60.0) -> PruneReport:
+    """Prune the checkpoint at ``model_path`` into ``out`` (``offload``: one decoder layer in memory)."""
     state = state_dir or state_dir_for(out)
     check_output(out, state, resume)
-    loaded = load_checkpoint(model_path, dtype=DTYPES[recipe.dtype])
+    dtype = DTYPES[recipe.dtype]
+    if offload:
+        loaded, store = open_layerwise(model_path, dtype=dtype)
+    else:
+        loaded, store = load_checkpoint(model_path, dtype=dtype), None
     report = prune_model(loaded.model, loaded.tokenizer, recipe, state_dir=state, job=str(model_path),
-                         progress=progress)
-    save_checkpoint(loaded.model, loaded.tokenizer, out, recipe=recipe.model_dump(), base_model=str(model_path))
+                         progress=progress, store=store, persist_every_s=persist_every_s)
+    save_checkpoint(loaded.model, loaded.tokenizer, out, recipe=recipe.model_dump(), base_model=str(model_path),
+                    layer_files=store.layer_files() if store else None)
     manifest = load_manifest(out)
     manifest.extra["prune_report"] = report.to_dict()
     save_manifest(out, manifest)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +30,11 @@ from tqdm.auto import tqdm
 
 from compress.adapter import ModelAdapter, get_adapter
 from compress.data.text import calibration_batch, eval_token_ids
-from compress.eval.perplexity import perplexity
+from compress.eval.perplexity import window_nll, windows_of
 from compress.sparsity import allocation as alloc
 from compress.sparsity.pruners import InputStats, Pruner, get_pruner, parse_pattern
 from compress.sparsity.recipe import PruneRecipe, matches
-from compress.sparsity.runner import SequentialRunner, Visit, fingerprint
+from compress.sparsity.runner import LayerStore, SequentialRunner, Visit, fingerprint
 
 LayerStats = dict[str, InputStats]  # relative linear name -> its input statistics
 
@@ -116,65 +117,99 @@ class DenseStats:
 
     per_layer: list[LayerStats] = field(default_factory=list)
     grams: list[Tensor] = field(default_factory=list)  # [n, n] Gram of each layer's input
+    outlier_ratios: list[float] = field(default_factory=list)  # OWL's D_i
 
 
 def dense_pass(runner: SequentialRunner, targets: list[list[str]], pruner: Pruner | None,
-               gram_samples: int = 0) -> DenseStats:
-    """One pass over the dense model: linear input statistics and/or layer-input Grams."""
+               gram_samples: int = 0, owl_m: float | None = None) -> DenseStats:
+    """One pass over the dense model: linear input statistics, layer-input Grams and/or OWL ratios."""
     dense = DenseStats()
 
     def visit(i: int, layer: nn.Module, r: SequentialRunner) -> Visit:
         if gram_samples:
             dense.grams.append(alloc.centered_gram(r.hidden[:gram_samples]))  # [n, n]
-        if pruner is not None:
-            stats, _ = collect_stats(r, layer, targets[i], pruner)
-            dense.per_layer.append(stats)
-        return Visit()
+        if pruner is None:
+            return Visit()
+        stats, outputs = collect_stats(r, layer, targets[i], pruner)
+        dense.per_layer.append(stats)
+        if owl_m is not None:
+            dense.outlier_ratios.append(outlier_ratio(layer, targets[i], stats, owl_m))
+        return Visit(outputs=outputs)  # the layer is unchanged: no second forward
 
     runner.run(visit, desc="dense statistics")
     return dense
 
 
 @torch.no_grad()
-def outlier_ratios(model: nn.Module, adapter: ModelAdapter, targets: list[list[str]],
-                   dense: DenseStats, m: float) -> list[float]:
-    """OWL's per-layer outlier ratio of the Wanda scores |W| * ||X||."""
-    ratios = []
-    for i, layer in enumerate(adapter.layers()):
-        scores = [layer.get_submodule(rel).weight.float().abs() * dense.per_layer[i][rel].sq_sum.sqrt()
-                  for rel in targets[i]]
-        ratios.append(alloc.outlier_ratio(scores, m))
-    return ratios
+def outlier_ratio(layer: nn.Module, rels: list[str], stats: LayerStats, m: float) -> float:
+    """OWL's outlier ratio of one layer's Wanda scores |W| * ||X||."""
+    scores = [layer.get_submodule(rel).weight.float().abs() * stats[rel].sq_sum.sqrt() for rel in rels]
+    return alloc.outlier_ratio(scores, m)
+
+
+# -- perplexity one layer at a time -------------------------------------------------------
+Edit = Callable[[int, nn.Module], dict[str, Tensor]]  # layer index, layer -> replacement weights by rel name
+
+
+@contextmanager
+def swapped_weights(layer: nn.Module, weights: dict[str, Tensor]) -> Iterator[None]:
+    """Temporarily replace the weights of ``layer``'s linears (relative names)."""
+    originals = {rel: layer.get_submodule(rel).weight.data for rel in weights}
+    try:
+        for rel, weight in weights.items():
+            layer.get_submodule(rel).weight.data = weight
+        yield
+    finally:
+        for rel, weight in originals.items():
+            layer.get_submodule(rel).weight.data = weight
+
+
+@torch.no_grad()
+def streamed_perplexity(runner: SequentialRunner, edit: Edit | None = None) -> float:
+    """Perplexity of the runner's token windows [W, T] computed one decoder layer at a time.
+
+    Each layer runs with its linears replaced by ``edit(i, layer)`` (the layer itself is left as it
+    was), so a whole-model variant is scored without a second copy of the model, and with offloaded
+    layers without ever holding more than one.
+    """
+    def visit(i: int, layer: nn.Module, r: SequentialRunner) -> Visit:
+        with swapped_weights(layer, edit(i, layer) if edit else {}):
+            return Visit(outputs=r.forward(layer))
+
+    runner.run(visit, desc="perplexity")
+    ids = runner.token_ids  # [W, T]
+    dtype = next(runner.model.parameters()).dtype
+    total = sum(float(window_nll(runner.adapter.logits(runner.hidden[w:w + 1].to(dtype)), ids[w:w + 1]).sum())
+                for w in range(len(ids)))
+    return math.exp(total / (ids.shape[0] * (ids.shape[1] - 1)))
 
 
 # -- ATP beta search ---------------------------------------------------------------------
 @torch.no_grad()
-def atp_search(model: nn.Module, adapter: ModelAdapter, tokenizer, recipe: PruneRecipe,
-               targets: list[list[str]], params: list[int], dense: DenseStats, pruner: Pruner,
-               progress: bool = True) -> dict[str, Any]:
-    """Grid-search ATP's beta by selection-split perplexity of one-shot prunes."""
-    layers = adapter.layers()
-    original = {(i, rel): layers[i].get_submodule(rel).weight.data.clone()
-                for i, rels in enumerate(targets) for rel in rels}
-    ids = eval_token_ids(tokenizer, recipe.atp.selection_source)
+def atp_search(job: "AllocationJob", dense: DenseStats) -> dict[str, Any]:
+    """Grid-search ATP's beta by selection-split perplexity of one-shot prunes from dense statistics."""
+    recipe, L = job.recipe, job.adapter.num_layers
+    atp = recipe.atp
+    windows = windows_of(eval_token_ids(job.tokenizer, atp.selection_source), atp.selection_seq_len,
+                         atp.selection_windows)  # [W, T]
     # a beta that prunes (almost) a whole layer is never the answer; do not spend a prune on it
-    grid = [b for b in alloc.atp_beta_grid(len(layers), recipe.sparsity, recipe.atp.step)
-            if max(alloc.atp(len(layers), recipe.sparsity, b, params)) < 0.99]
-    table = []
+    grid = [b for b in alloc.atp_beta_grid(L, recipe.sparsity, atp.step)
+            if max(alloc.atp(L, recipe.sparsity, b, job.params)) < 0.99]
     pattern = parse_pattern(recipe.pattern)
-    for beta in tqdm(grid, desc="ATP beta search", disable=not progress):
-        rates = alloc.atp(len(layers), recipe.sparsity, beta, params)
-        for (i, rel), weight in original.items():
-            stats = dense.per_layer[i].get(rel) if dense.per_layer else None
-            layers[i].get_submodule(rel).weight.data = pruner.prune(weight, stats, rates[i], pattern)
-        ppl = perplexity(model, ids, recipe.atp.selection_seq_len, recipe.atp.selection_windows,
-                         progress=False).ppl
+    table = []
+    for beta in tqdm(grid, desc="ATP beta search", disable=not job.progress):
+        rates = alloc.atp(L, recipe.sparsity, beta, job.params)
+
+        def one_shot(i: int, layer: nn.Module, rates=rates) -> dict[str, Tensor]:
+            return {rel: job.pruner.prune(layer.get_submodule(rel).weight.data,
+                                          dense.per_layer[i].get(rel) if dense.per_layer else None,
+                                          rates[i], pattern) for rel in job.targets[i]}
+
+        ppl = streamed_perplexity(job.runner(windows, progress=False), one_shot)
         table.append({"beta": beta, "selection_ppl": ppl})
-    for (i, rel), weight in original.items():
-        layers[i].get_submodule(rel).weight.data = weight
     best = min(table, key=lambda row: row["selection_ppl"] if math.isfinite(row["selection_ppl"]) else math.inf)
-    return {"beta": best["beta"], "search": table, "selection_source": recipe.atp.selection_source,
-            "selection_seq_len": recipe.atp.selection_seq_len}
+    return {"beta": best["beta"], "search": table, "selection_source": atp.selection_source,
+            "selection_seq_len": atp.selection_seq_len, "selection_windows": len(windows)}
 
 
 # -- allocation ----------------------------------------------------------------------------
@@ -186,7 +221,7 @@ class AllocationJob:
     tokenizer: Any
     recipe: PruneRecipe
     targets: list[list[str]]
-    runner: Callable[[], SequentialRunner]
+    runner: Callable[..., SequentialRunner]  # (token_ids=calibration, progress=...) -> a stateless runner
     pruner: Pruner
     progress: bool
 
@@ -211,8 +246,7 @@ def _explicit(job: AllocationJob) -> Allocation:
 
 
 def _owl(job: AllocationJob) -> Allocation:
-    dense = dense_pass(job.runner(), job.targets, get_pruner("wanda"))
-    ratios = outlier_ratios(job.model, job.adapter, job.targets, dense, job.recipe.owl.m)
+    ratios = dense_pass(job.runner(), job.targets, get_pruner("wanda"), owl_m=job.recipe.owl.m).outlier_ratios
     rates = alloc.owl(ratios, job.recipe.sparsity, job.recipe.owl.lam, job.params)
     return rates, {"outlier_ratios": ratios, "lam": job.recipe.owl.lam}
 
@@ -222,8 +256,7 @@ def _atp(job: AllocationJob) -> Allocation:
     facts: dict[str, Any] = {"beta": beta}
     if beta is None:
         dense = dense_pass(job.runner(), job.targets, job.pruner)
-        facts = atp_search(job.model, job.adapter, job.tokenizer, job.recipe, job.targets, job.params, dense,
-                           job.pruner, job.progress)
+        facts = atp_search(job, dense)
     return alloc.atp(L, S, facts["beta"], job.params), facts
 
 
@@ -267,9 +300,17 @@ def validate(model: nn.Module, recipe: PruneRecipe) -> tuple[ModelAdapter, list[
 
 
 def prune_model(model: nn.Module, tokenizer, recipe: PruneRecipe, state_dir: str | Path | None = None,
-                job: str = "", progress: bool = True) -> PruneReport:
-    """Prune ``model`` in place as ``recipe`` says and report what was done."""
+                job: str = "", progress: bool = True, persist_every_s: float = 60.0,
+                store: LayerStore | None = None) -> PruneReport:
+    """Prune ``model`` in place as ``recipe`` says and report what was done.
+
+    With ``state_dir`` progress is checkpointed every ``persist_every_s`` seconds (0: every layer).
+    With an offloading ``store`` (layers on the meta device) the pruned layers end up only in
+    ``state_dir``: ``store.layer_files()`` lists them for :func:`save_checkpoint`.
+    """
     adapter, targets = validate(model, recipe)
+    if store is not None and store.offloads and state_dir is None:
+        raise ValueError("pruning with offloaded layers needs a state_dir: the pruned layers are kept there")
     pruner = get_pruner(recipe.method, **({"blocksize": recipe.sparsegpt.blocksize,
                                             "percdamp": recipe.sparsegpt.percdamp}
                                            if recipe.method == "sparsegpt" else {}))
@@ -278,8 +319,10 @@ def prune_model(model: nn.Module, tokenizer, recipe: PruneRecipe, state_dir: str
     job_id = fingerprint(recipe.model_dump(), job, ids)
     state = Path(state_dir) if state_dir else None
 
-    def runner(directory: Path | None = None) -> SequentialRunner:
-        return SequentialRunner(model, ids, cal.batch_size, state_dir=directory, job_id=job_id, progress=progress)
+    def runner(token_ids: Tensor = ids, directory: Path | None = None, progress: bool = progress
+               ) -> SequentialRunner:
+        return SequentialRunner(model, token_ids, cal.batch_size, state_dir=directory, job_id=job_id,
+                                progress=progress, persist_every_s=persist_every_s, store=store)
 
     start = time.perf_counter()
     job_spec = AllocationJob(model, tokenizer, recipe, targets, runner, pruner, progress)
@@ -292,7 +335,7 @@ def prune_model(model: nn.Module, tokenizer, recipe: PruneRecipe, state_dir: str
         achieved = prune_layer(layer, targets[i], stats, pruner, rates[i], pattern)
         return Visit(facts={"rate": rates[i], "linears": achieved}, reference=dense_out)
 
-    final = runner(state / "layers" if state else None)
+    final = runner(directory=state / "layers" if state else None)
     outcomes = final.run(visit, desc=f"{recipe.method} prune")
     done = time.perf_counter()
     return _report(model, adapter, recipe, targets, rates, facts, outcomes,
@@ -314,13 +357,14 @@ def _cached_allocation(state: Path | None, job_id: str, compute) -> tuple[list[f
 
 
 def _report(model, adapter, recipe, targets, rates, facts, outcomes, seconds) -> PruneReport:
+    """The report, from the outcomes alone (the layers may be offloaded by now)."""
     layers_out, zeros, total = [], 0.0, 0
     for outcome in outcomes:
         i = outcome.index
-        for rel in targets[i]:
-            w = adapter.layers()[i].get_submodule(rel).weight
-            zeros += float((w == 0).sum())
-            total += w.numel()
+        for rel, achieved in outcome.facts["linears"].items():
+            numel = adapter.layers()[i].get_submodule(rel).weight.numel()  # meta tensors know their size
+            zeros += achieved * numel
+            total += numel
         layers_out.append({"index": i, "rate": rates[i], **outcome.facts})
     return PruneReport(recipe=recipe.model_dump(), target_sparsity=recipe.sparsity,
                        achieved_sparsity=zeros / max(total, 1), layer_rates=list(rates), layers=layers_out,

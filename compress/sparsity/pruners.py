@@ -64,11 +64,12 @@ class InputStats:
         """Add a batch ``x: [..., in]`` (any dtype/device; moved to the stats' device)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
-        x = x.detach().reshape(-1, self.in_features).to(self.sq_sum.device, torch.float32)  # [tokens, in]
+        # our own float32 copy [tokens, in], so squaring it in place never touches the caller's activations
+        x = x.detach().reshape(-1, self.in_features).to(self.sq_sum.device, torch.float32, copy=True)
         self.tokens += x.shape[0]
-        self.sq_sum += x.square().sum(dim=0)
         if self.hessian is not None:
             self.hessian += x.T @ x
+        self.sq_sum += x.square_().sum(dim=0)
 
 
 # -- validation -----------------------------------------------------------------

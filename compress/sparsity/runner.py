@@ -9,11 +9,18 @@ outputs become layer i+1's inputs. Memory stays near one layer's activations
 plus the hidden states ``[N, T, D]``. Architecture facts come from the model
 adapter; the runner never assumes a layer count or size.
 
-With a ``state_dir`` the runner persists after every layer (the layer's new
-weights and the hidden states), so an interrupted run resumes at the first
-unfinished layer and produces the same weights as an uninterrupted one. The
-state is keyed by a fingerprint of the job (recipe, model, calibration); a
-state written for another job is refused, never silently reused.
+A visitor that leaves its layer unchanged may hand back the outputs it already
+computed (``Visit.outputs``) and the runner skips the re-run.
+
+With a ``state_dir`` the runner writes every visited layer's weights, and
+every ``persist_every_s`` seconds (0: after every layer) a checkpoint of the
+hidden states and the outcomes, so an interrupted run resumes at the layer
+after the last checkpoint and produces the same weights as an uninterrupted
+one. The hidden states are the large part (``[N, T, D]`` float32, 151 MB for
+128 x 512 tokens of a 576-wide model), which is why they are not written after
+every layer. The state is keyed by a fingerprint of the job (recipe, model,
+calibration); a state written for another job is refused, never silently
+reused.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,6 +52,7 @@ class Visit:
 
     facts: dict[str, Any] = field(default_factory=dict)
     reference: Tensor | None = None  # [N, T, D]
+    outputs: Tensor | None = None  # [N, T, D] outputs of the *unchanged* layer: the runner skips the re-run
 
 
 @dataclass
@@ -55,6 +64,28 @@ class LayerOutcome:
 
 
 Visitor = Callable[[int, nn.Module, "SequentialRunner"], Visit]
+
+
+class LayerStore:
+    """Where decoder layers live between visits; this default keeps them all in memory.
+
+    ``open`` makes layer ``index`` usable before its visit; ``close`` is called
+    after the runner is done with it (``saved``: the file holding its current
+    weights, or None when the runner keeps no state); ``restore`` puts back a
+    layer finished by an interrupted run.
+    """
+
+    offloads: ClassVar[bool] = False
+
+    def open(self, index: int, layer: nn.Module) -> None:
+        """Make ``layer`` usable (in memory it already is)."""
+
+    def close(self, index: int, layer: nn.Module, saved: Path | None) -> None:
+        """Done with ``layer`` for now (in memory: keep it)."""
+
+    def restore(self, index: int, layer: nn.Module, saved: Path) -> None:
+        """Load the weights a previous run finished for ``layer``."""
+        layer.load_state_dict(load_file(str(saved)))
 
 
 def relative_error(reference: Tensor, output: Tensor) -> float:
@@ -79,7 +110,8 @@ class SequentialRunner:
 
     def __init__(self, model: nn.Module, token_ids: Tensor, batch_size: int = 8,
                  hidden_dtype: torch.dtype = torch.float32, state_dir: str | Path | None = None,
-                 job_id: str = "", progress: bool = True):
+                 job_id: str = "", progress: bool = True, persist_every_s: float = 60.0,
+                 store: LayerStore | None = None):
         self.model = model
         self.adapter: ModelAdapter = get_adapter(model)
         self.token_ids = token_ids  # [N, T]
@@ -88,6 +120,9 @@ class SequentialRunner:
         self.state_dir = Path(state_dir) if state_dir else None
         self.job_id = job_id or fingerprint(token_ids)
         self.progress = progress
+        self.persist_every_s = persist_every_s
+        self.store = store or LayerStore()
+        self._last_persist = time.monotonic()
         self.hidden: Tensor | None = None  # [N, T, D] inputs of the current layer
         self.layer_kwargs: dict[str, Any] = {}
         self.outcomes: list[LayerOutcome] = []
@@ -140,26 +175,39 @@ class SequentialRunner:
             self.capture_inputs()
         for i in tqdm(range(start, len(layers)), desc=desc, disable=not self.progress,
                       initial=start, total=len(layers), unit="layer"):
+            self.store.open(i, layers[i])
             visit_result = visit(i, layers[i], self)
-            self.hidden = self.forward(layers[i])
+            outputs = visit_result.outputs
+            self.hidden = self.forward(layers[i]) if outputs is None else outputs
             facts = dict(visit_result.facts)
             if visit_result.reference is not None:
                 facts["reconstruction_error"] = relative_error(visit_result.reference, self.hidden)
             self.outcomes.append(LayerOutcome(i, facts))
-            self._persist(i, layers[i])
+            saved = self._persist(i, layers[i], last=i == len(layers) - 1)
+            self.store.close(i, layers[i], saved)
         return self.outcomes
+
+    def layer_file(self, index: int) -> Path:
+        """Where the state directory keeps layer ``index``'s visited weights."""
+        assert self.state_dir is not None
+        return self.state_dir / f"layer_{index:04d}.safetensors"
 
     # -- persistence ---------------------------------------------------------------
     def _progress_file(self) -> Path:
         assert self.state_dir is not None
         return self.state_dir / "progress.json"
 
-    def _persist(self, index: int, layer: nn.Module) -> None:
+    def _persist(self, index: int, layer: nn.Module, last: bool) -> Path | None:
+        """Write the layer's weights; checkpoint hidden states + outcomes when due (or at the end)."""
         if self.state_dir is None:
-            return
+            return None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
-        save_file(tensors, str(self.state_dir / f"layer_{index:04d}.safetensors"))
+        path = self.layer_file(index)
+        save_file(tensors, str(path))
+        if not last and time.monotonic() - self._last_persist < self.persist_every_s:
+            return path
+        self._last_persist = time.monotonic()
         tmp = self.state_dir / "hidden.pt.part"
         torch.save(self.hidden, tmp)
         tmp.replace(self.state_dir / "hidden.pt")
@@ -168,6 +216,7 @@ class SequentialRunner:
         part = self._progress_file().with_suffix(".part")
         part.write_text(json.dumps(record, default=float))
         part.replace(self._progress_file())
+        return path
 
     def _resume(self, layers: nn.ModuleList) -> int:
         """Restore finished layers and hidden states; return the first layer to visit."""
@@ -179,8 +228,7 @@ class SequentialRunner:
                              "calibration differ); delete it or choose another --state-dir to start over")
         done = int(record["next_layer"])
         for i in range(done):
-            state = load_file(str(self.state_dir / f"layer_{i:04d}.safetensors"))
-            layers[i].load_state_dict(state)
+            self.store.restore(i, layers[i], self.layer_file(i))
         self.hidden = torch.load(self.state_dir / "hidden.pt")
         self.outcomes = [LayerOutcome(o["index"], o["facts"]) for o in record["outcomes"]]
         if done < len(layers) or not self.layer_kwargs:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from compress.checkpoint import load_manifest
 
@@ -42,3 +43,18 @@ def test_wanda_50_keeps_smollm2_working(smollm2_dir, tmp_path):
                              "What is the capital of France?", "--max-tokens", "16"],
                             capture_output=True, text=True, check=True).stdout
     assert answer.strip()
+
+
+def test_offloaded_prune_of_smollm2_is_bit_identical(smollm2_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--method", "sparsegpt", "--sparsity", "0.6", "--allocation", "atp", "--set", "atp.beta=0.01",
+              "--set", "calibration.samples=4", "--set", "calibration.seq_len=128"]
+    run("prune", str(smollm2_dir), "-o", str(tmp_path / "memory"), *common)
+    run("prune", str(smollm2_dir), "-o", str(tmp_path / "offload"), "--offload", *common)
+    in_memory = load_file(str(tmp_path / "memory" / "model.safetensors"))
+    offloaded = load_file(str(tmp_path / "offload" / "model.safetensors"))
+    assert in_memory.keys() == offloaded.keys()
+    assert any(name.endswith(".bitmask") for name in offloaded)
+    for name, tensor in in_memory.items():
+        assert torch.equal(tensor, offloaded[name]), name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -96,10 +98,12 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_model_dir, tiny_t
 
     monkeypatch.setattr(prune_mod, "prune_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
-        prune_model(fresh(), tiny_tokenizer, r, state_dir=tmp_path / "state", progress=False)
+        prune_model(fresh(), tiny_tokenizer, r, state_dir=tmp_path / "state", progress=False, persist_every_s=0)
     monkeypatch.setattr(prune_mod, "prune_layer", real_prune_layer)
     resumed = fresh()
-    report = prune_model(resumed, tiny_tokenizer, r, state_dir=tmp_path / "state", progress=False)
+    progress = json.loads((tmp_path / "state" / "layers" / "progress.json").read_text())
+    assert progress["next_layer"] == 1  # layer 0 was checkpointed before the interruption
+    report = prune_model(resumed, tiny_tokenizer, r, state_dir=tmp_path / "state", progress=False, persist_every_s=0)
     assert [layer["index"] for layer in report.layers] == [0, 1, 2]
     for name, weight in linear_weights(reference).items():
         assert torch.equal(weight, resumed.get_parameter(name)), name
