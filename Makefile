@@ -17,14 +17,15 @@ $(VENV)/.installed: pyproject.toml
 OUT    ?= out/$(MODEL)-wanda-50
 
 # Build the bundled model, prune it to 50% with Wanda, evaluate dense and sparse (bounded: 8 windows
-# of 1024 tokens, 100 PIQA items), then answer one chat message with the sparse checkpoint.
+# of 1024 tokens, 100 PIQA items), then answer one chat message with the dense and the sparse checkpoint.
 demo: setup
 	$(BIN)/sparse-compress models fetch $(MODEL)
 	$(if $(wildcard $(OUT)/prune_report.json),@echo "$(OUT) exists (delete it to prune again)",\
 	  $(BIN)/sparse-compress prune $(MODEL) -o $(OUT) --recipe recipes/wanda_uniform_50.yaml $(if $(wildcard $(OUT).partial),--resume))
 	$(BIN)/sparse-compress eval $(MODEL) --max-windows 8 --tasks piqa --limit 100
 	$(BIN)/sparse-compress eval $(OUT) --max-windows 8 --tasks piqa --limit 100
-	$(BIN)/sparse-serve $(OUT) --prompt "$(PROMPT)"
+	@echo "dense:  $$($(BIN)/sparse-serve $(MODEL) --prompt "$(PROMPT)")"
+	@echo "sparse: $$($(BIN)/sparse-serve $(OUT) --prompt "$(PROMPT)")"
 
 # The whole suite: unit tests (tiny random model) and integration tests (SmolLM2, marked slow).
 test: setup
