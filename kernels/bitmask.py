@@ -57,6 +57,30 @@ def pack_bitmask(mask: Tensor) -> Tensor:
     return bits.sum(dim=-1, dtype=torch.uint8)  # [R, B]
 
 
+def words_per_row(cols: int) -> int:
+    """32-bit words per row for ``cols`` columns: ``ceil(cols / 32)``."""
+    return (cols + 31) // 32
+
+
+def as_int32_bits(v: Tensor) -> Tensor:
+    """int64 holding unsigned 32-bit patterns -> int32 with the same bits."""
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+
+
+def padded_words(bitmask: Tensor, cols: int) -> Tensor:
+    """uint8 [R, ceil(cols/8)] -> int64 [R, KW, 4], zero bytes appended up to whole words."""
+    rows, nbytes = bitmask.shape
+    padded = torch.nn.functional.pad(bitmask, (0, 4 * words_per_row(cols) - nbytes))  # [R, 4*KW]
+    return padded.to(torch.int64).view(rows, words_per_row(cols), 4)
+
+
+def bitmask_words(bitmask: Tensor, cols: int) -> Tensor:
+    """uint8 bitmask [R, ceil(cols/8)] -> int32 [R, ceil(cols/32)]: bit j of word c is column 32c + j
+    (byte b of a word holds columns 8b..8b+7; padding bits zero). The kernels' 32-column chunks."""
+    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=bitmask.device)
+    return as_int32_bits((padded_words(bitmask, cols) << shifts).sum(-1))  # [R, KW]
+
+
 def unpack_bitmask(bits: Tensor, cols: int) -> Tensor:
     """Inverse of :func:`pack_bitmask`: uint8 ``[R, ceil(cols/8)]`` -> bool ``[R, cols]``."""
     if bits.dim() != 2 or bits.dtype != torch.uint8:

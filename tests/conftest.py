@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compress.models.tiny import build_tiny_llama
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors; Triton reads this once, when it
+# is imported, and transformers imports it (through torch._dynamo) below - so set it first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from compress.models.tiny import build_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,193 @@
+"""CPU implementations of ``bitmask_linear``: an AVX-512 kernel that reads the compressed weight, and a
+portable dense fallback.
+
+Contract:
+
+* ``cpu_avx512`` (priority 10; bf16) needs a CPU with AVX512-F/BW/VL, AVX512-BF16 and AVX512-VBMI2
+  and a C++ compiler: the extension ``bitmask_linear.cpp`` is compiled on first use with torch's
+  extension machinery and cached under ``$SPARSE_SERVE_CACHE/torch_extensions`` (default
+  ``~/.cache/sparse-serve``), so later processes load it in a fraction of a second. ``pack``
+  regroups the bitmask into one uint32 word per 32 columns and pads the values; nothing is ever
+  held dense. ``apply`` runs the decode kernel (weights expanded in registers, ``vdpbf16ps``) for
+  up to ``decode_max_rows`` activation rows, and for more rows decompresses ``tile_rows`` weight
+  rows at a time into a scratch tile and runs a dense GEMM on it (prefill).
+* ``cpu_dense`` (priority 5; every float dtype) is the fallback on any CPU: ``pack`` decompresses
+  once and prepacks the weight for oneDNN, ``apply`` runs the prepacked oneDNN linear - the fastest
+  dense path on this CPU - so a machine without AVX-512 is no slower than dense (nor smaller).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.bitmask import BitmaskTensor, bitmask_words
+from kernels.registry import Kernel, register
+
+CHUNK = 32  # bf16 lanes of one AVX-512 register
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vbmi2")
+SOURCE = Path(__file__).with_name("bitmask_linear.cpp")
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi2",
+          "-mpopcnt"]
+
+
+# -- availability --------------------------------------------------------------------------------
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def missing_flags() -> list[str]:
+    return [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
+
+
+def extension_dir() -> Path:
+    root = Path(os.environ.get("SPARSE_SERVE_CACHE", Path.home() / ".cache" / "sparse-serve"))
+    path = root / "torch_extensions" / f"torch-{torch.__version__.replace('+', '-')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def extension() -> ModuleType | str:
+    """The compiled extension, or the reason it cannot be had (built once, then cached on disk)."""
+    if missing_flags():
+        return f"this CPU lacks {missing_flags()}"
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name="sparse_serve_bitmask_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"], build_directory=str(extension_dir()), verbose=False)
+    except Exception as err:  # a compiler error must not break loading: the fallback serves
+        return f"compiling {SOURCE.name} failed ({type(err).__name__}: {str(err)[-300:]})"
+
+
+def avx512_available() -> bool:
+    return not isinstance(extension(), str)
+
+
+def avx512_unavailable_reason() -> str:
+    ext = extension()
+    return ext if isinstance(ext, str) else ""
+
+
+# -- the AVX-512 kernel --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedBitmask:
+    """A bitmask weight regrouped for the AVX-512 kernel (see bitmask_linear.cpp for the layout)."""
+
+    shape: tuple[int, int]  # (N, K)
+    masks: Tensor  # int32 [N, ceil(K/32)]
+    values: Tensor  # bf16 [nnz + 32]
+    row_offsets: Tensor  # int64 [N]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.masks, self.values, self.row_offsets))
+
+
+def pack_avx512(weight: BitmaskTensor) -> PackedBitmask:
+    values = torch.cat([weight.values.to("cpu", torch.bfloat16), torch.zeros(CHUNK, dtype=torch.bfloat16)])
+    return PackedBitmask(weight.shape, bitmask_words(weight.bitmask.cpu(), weight.cols).contiguous(), values,
+                         weight.row_offsets.to("cpu", torch.int64).contiguous())
+
+
+@dataclass
+class CpuTuning:
+    """Where the AVX-512 kernel hands over to decompress + dense GEMM, measured with benchmarks/kernels.py
+    on Zen 4: decoding wins up to 8 rows (at 16 the expanded zeros make it 4x slower than dense), and
+    256-row tiles are the best of 32..512 for the GEMM on decompressed tiles."""
+
+    decode_max_rows: int = 8
+    tile_rows: int = 256
+
+
+TUNING = CpuTuning()
+
+
+def decompress_rows(packed: PackedBitmask, begin: int, end: int, out: Tensor | None = None) -> Tensor:
+    """Dense bf16 rows [begin, end) of ``packed``: [end - begin, K] (into ``out`` when given)."""
+    out = torch.empty(end - begin, packed.shape[1], dtype=torch.bfloat16) if out is None else out
+    extension().bitmask_decompress_into(packed.masks, packed.values, packed.row_offsets, begin, end, out)
+    return out
+
+
+@functools.cache
+def _scratch(rows: int, cols: int) -> Tensor:
+    """A reused tile buffer [rows, cols] bf16 (a fresh large tensor would page-fault on every call)."""
+    return torch.empty(rows, cols, dtype=torch.bfloat16)
+
+
+def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, tiled decompress + GEMM for many."""
+    _check_input(x, packed.shape)
+    if x.shape[0] <= TUNING.decode_max_rows:
+        return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias)
+    n, k = packed.shape
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    scratch = _scratch(TUNING.tile_rows, k)
+    for begin in range(0, n, TUNING.tile_rows):
+        end = min(begin + TUNING.tile_rows, n)
+        tile = decompress_rows(packed, begin, end, scratch[: end - begin])  # [tile, K]
+        torch.matmul(x, tile.T, out=y[:, begin:end]) if bias is None else \
+            torch.addmm(bias[begin:end], x, tile.T, out=y[:, begin:end])
+    return y
+
+
+def _check_input(x: Tensor, shape: tuple[int, int]) -> None:
+    if x.dim() != 2 or x.shape[1] != shape[1]:
+        raise ValueError(f"x must be [M, {shape[1]}] for a weight of shape {shape}, got {tuple(x.shape)}")
+
+
+register(Kernel(
+    op="bitmask_linear", name="cpu_avx512", priority=10,
+    devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16}),
+    pack=pack_avx512, apply=apply_avx512,
+    available=avx512_available, why_unavailable=avx512_unavailable_reason,
+))
+
+
+# -- the portable fallback: prepacked oneDNN dense -------------------------------------------------
+@dataclass(frozen=True)
+class PrepackedDense:
+    """A dense weight prepacked for oneDNN (or plain, where oneDNN cannot take the dtype)."""
+
+    weight: Tensor  # [N, K], opaque when prepacked
+    prepacked: bool
+    shape: tuple[int, int]
+
+
+def prepack_dense(weight: Tensor) -> PrepackedDense:
+    """Prepack a dense [N, K] weight for ``torch.ops.mkldnn._linear_pointwise`` when oneDNN can."""
+    if torch.backends.mkldnn.is_available() and weight.dtype in (torch.bfloat16, torch.float32):
+        return PrepackedDense(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), True,
+                              (weight.shape[0], weight.shape[1]))
+    return PrepackedDense(weight, False, (weight.shape[0], weight.shape[1]))
+
+
+def dense_linear(x: Tensor, packed: PrepackedDense, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] -> y [M, N] through the fastest dense path."""
+    if packed.prepacked:
+        return torch.ops.mkldnn._linear_pointwise(x, packed.weight, bias, "none", [], "")
+    return F.linear(x, packed.weight, bias)
+
+
+register(Kernel(
+    op="bitmask_linear", name="cpu_dense", priority=5,
+    devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16, torch.float32}),
+    pack=lambda weight: prepack_dense(weight.decompress().cpu()),
+    apply=dense_linear,
+))

@@ -1,0 +1,186 @@
+// AVX-512 kernels for y = x W^T + b with W in the packed bitmask layout (see kernels/cpu/__init__.py).
+//
+// Layout (built once by pack() in Python):
+//   masks        uint32 [N, KC]    bit j of word c of row n is set iff W[n, 32c + j] != 0 (KC = ceil(K/32))
+//   values       bf16   [nnz + 32] the nonzeros in row-major order, padded so a 64-byte load at any
+//                                  nonzero stays inside the buffer
+//   row_offsets  int64  [N]        index in values where row n starts
+//
+// Decode (few activation rows): each 32-column chunk of a weight row is one 64-byte load of packed
+// values, expanded in a register by the chunk's mask (vpexpandw, AVX512-VBMI2), then multiplied with
+// every activation row by vdpbf16ps (AVX512-BF16, float32 accumulation). Several weight rows are in
+// flight at once so the popcount -> pointer chains of different rows overlap.
+// Decompress: the same expand, stored to a dense [rows, K] bf16 tile (the prefill path runs a dense
+// GEMM on such tiles).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int64_t kChunk = 32;  // bf16 lanes of one 512-bit register
+
+inline __m512i expand_chunk(const bf16* ptr, uint32_t mask) {
+  return _mm512_maskz_expand_epi16(mask, _mm512_loadu_si512(static_cast<const void*>(ptr)));
+}
+
+// Adds to out[m * n_out + n] the products over chunks [c0, c1) for weight rows n0 .. n0+R-1 and
+// activation rows 0 .. MB-1; cursor[r] is where row n0+r's next chunk starts in values (advanced).
+template <int R, int MB>
+inline void rows_block(const uint32_t* masks, const bf16* values, int64_t* cursor, const bf16* x,
+                       int64_t x_stride, int64_t kc, int64_t c0, int64_t c1, int64_t n0, float* out,
+                       int64_t n_out) {
+  __m512 acc[R][MB];
+  const bf16* ptr[R];
+  const uint32_t* mrow[R];
+  for (int r = 0; r < R; ++r) {
+    ptr[r] = values + cursor[r];
+    mrow[r] = masks + (n0 + r) * kc;
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    __m512i w[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint32_t mask = mrow[r][c];
+      w[r] = expand_chunk(ptr[r], mask);
+      ptr[r] += _mm_popcnt_u32(mask);
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xv = _mm512_loadu_si512(static_cast<const void*>(x + m * x_stride + c * kChunk));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)w[r], (__m512bh)xv);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    cursor[r] = ptr[r] - values;
+    for (int m = 0; m < MB; ++m) out[m * n_out + n0 + r] += _mm512_reduce_add_ps(acc[r][m]);
+  }
+}
+
+// Weight rows in flight per activation-block size: R * MB accumulators stay in registers (<= 16 of 32),
+// and more independent popcount -> pointer chains hide the load latency at small MB.
+template <int MB>
+constexpr int rows_in_flight() {
+  return MB <= 4 ? 4 : (MB <= 8 ? 2 : 1);
+}
+
+template <int MB>
+void gemv_rows(const uint32_t* masks, const bf16* values, const int64_t* row_offsets, const bf16* x,
+               int64_t x_stride, int64_t kc, int64_t begin, int64_t end, float* out, int64_t n_out) {
+  // Measured on Zen 4: blocking K so the activations stay in L1 costs more (a horizontal reduction
+  // and a scattered store per block) than it saves, and more than 4 rows in flight is slower too.
+  constexpr int R = rows_in_flight<MB>();
+  std::vector<int64_t> cursor(row_offsets + begin, row_offsets + end);
+  for (int64_t m = 0; m < MB; ++m) std::fill(out + m * n_out + begin, out + m * n_out + end, 0.0f);
+  int64_t n = begin;
+  for (; n + R <= end; n += R) {
+    rows_block<R, MB>(masks, values, cursor.data() + (n - begin), x, x_stride, kc, 0, kc, n, out, n_out);
+  }
+  for (; n < end; ++n) {
+    rows_block<1, MB>(masks, values, cursor.data() + (n - begin), x, x_stride, kc, 0, kc, n, out, n_out);
+  }
+}
+
+using RowsFn = void (*)(const uint32_t*, const bf16*, const int64_t*, const bf16*, int64_t, int64_t, int64_t,
+                        int64_t, float*, int64_t);
+
+constexpr RowsFn kRows[16] = {
+    gemv_rows<1>,  gemv_rows<2>,  gemv_rows<3>,  gemv_rows<4>,  gemv_rows<5>,  gemv_rows<6>,
+    gemv_rows<7>,  gemv_rows<8>,  gemv_rows<9>,  gemv_rows<10>, gemv_rows<11>, gemv_rows<12>,
+    gemv_rows<13>, gemv_rows<14>, gemv_rows<15>, gemv_rows<16>,
+};
+
+void check_packed(const torch::Tensor& masks, const torch::Tensor& values, const torch::Tensor& row_offsets,
+                  int64_t k) {
+  TORCH_CHECK(masks.dim() == 2 && masks.scalar_type() == torch::kInt32 && masks.is_contiguous(),
+              "masks must be contiguous int32 [N, ceil(K/32)]");
+  TORCH_CHECK(masks.size(1) == (k + kChunk - 1) / kChunk, "masks has ", masks.size(1), " words per row; K=", k,
+              " needs ", (k + kChunk - 1) / kChunk);
+  TORCH_CHECK(values.dim() == 1 && values.scalar_type() == torch::kBFloat16 && values.is_contiguous(),
+              "values must be contiguous bfloat16 [nnz + 32]");
+  TORCH_CHECK(row_offsets.dim() == 1 && row_offsets.scalar_type() == torch::kInt64 &&
+                  row_offsets.size(0) == masks.size(0) && row_offsets.is_contiguous(),
+              "row_offsets must be contiguous int64 [N]");
+}
+
+}  // namespace
+
+// x [M, K] bf16, packed weight [N, K], bias [N] bf16 or None -> y [M, N] bf16 (float32 accumulation).
+torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& masks, const torch::Tensor& values,
+                                  const torch::Tensor& row_offsets, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be bfloat16 [M, K]");
+  const int64_t m_rows = x.size(0), k = x.size(1), n = masks.size(0), kc = masks.size(1);
+  check_packed(masks, values, row_offsets, k);
+  // activations padded to whole chunks with zeros (the padding bits of the masks are zero too)
+  torch::Tensor xp = x;
+  if (k % kChunk != 0 || !x.is_contiguous()) {
+    xp = torch::zeros({m_rows, kc * kChunk}, x.options());
+    xp.narrow(1, 0, k).copy_(x);
+  }
+  auto acc = torch::empty({m_rows, n}, x.options().dtype(torch::kFloat32));
+  const auto* mp = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  const auto* vp = reinterpret_cast<const bf16*>(values.data_ptr<at::BFloat16>());
+  const auto* op = row_offsets.data_ptr<int64_t>();
+  const auto* xbase = reinterpret_cast<const bf16*>(xp.data_ptr<at::BFloat16>());
+  float* out = acc.data_ptr<float>();
+  const int64_t x_stride = xp.size(1);
+  for (int64_t m0 = 0; m0 < m_rows; m0 += 16) {
+    const int64_t mb = std::min<int64_t>(16, m_rows - m0);
+    const bf16* xm = xbase + m0 * x_stride;
+    float* om = out + m0 * n;
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      kRows[mb - 1](mp, vp, op, xm, x_stride, kc, begin, end, om, n);
+    });
+  }
+  if (bias.has_value()) acc.add_(bias->to(torch::kFloat32));
+  return acc.to(torch::kBFloat16);
+}
+
+// Rows [begin, end) of the packed weight written densely into out, bf16 [end - begin, K] (contiguous).
+void bitmask_decompress_into(const torch::Tensor& masks, const torch::Tensor& values,
+                             const torch::Tensor& row_offsets, int64_t begin, int64_t end, torch::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == torch::kBFloat16 && out.is_contiguous(),
+              "out must be contiguous bfloat16 [rows, K]");
+  const int64_t k = out.size(1);
+  check_packed(masks, values, row_offsets, k);
+  TORCH_CHECK(0 <= begin && begin <= end && end <= masks.size(0) && out.size(0) == end - begin,
+              "row range out of bounds or out has the wrong number of rows");
+  const int64_t kc = masks.size(1);
+  const auto* mp = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  const auto* vp = reinterpret_cast<const bf16*>(values.data_ptr<at::BFloat16>());
+  const auto* op = row_offsets.data_ptr<int64_t>();
+  auto* dst = reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>());
+  const int64_t tail = k - (kc - 1) * kChunk;  // 1..32 columns in the last chunk
+  const __mmask32 tail_mask = tail == kChunk ? 0xffffffffu : ((1u << tail) - 1u);
+  at::parallel_for(begin, end, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const bf16* ptr = vp + op[r];
+      const uint32_t* mrow = mp + r * kc;
+      bf16* row = dst + (r - begin) * k;
+      for (int64_t c = 0; c < kc; ++c) {
+        const __m512i w = expand_chunk(ptr, mrow[c]);
+        ptr += _mm_popcnt_u32(mrow[c]);
+        if (c + 1 < kc) {
+          _mm512_storeu_si512(static_cast<void*>(row + c * kChunk), w);
+        } else {
+          _mm512_mask_storeu_epi16(static_cast<void*>(row + c * kChunk), tail_mask, w);
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bitmask_gemm_decode", &bitmask_gemm_decode, "y = x W^T + b, W packed bitmask (AVX-512 BF16)");
+  m.def("bitmask_decompress_into", &bitmask_decompress_into, "dense bf16 rows of a packed bitmask weight");
+}

@@ -1,0 +1,66 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` replacement whose weight stays in the bitmask layout.
+
+Contract: ``SparseLinear.from_bitmask(weight, bias)`` packs the weight once for the implementation
+the kernel registry selects for the weight's device and the compute dtype (or the one forced), and
+``forward(x [..., K]) -> [..., N]`` calls it; no dense copy is kept unless the selected
+implementation is the dense fallback. :func:`sparsify_linears` is the runtime swap: it replaces the
+linears of a model loaded with ``load_checkpoint(..., decompress=False)`` (whose sparse weights sit
+in ``LoadedCheckpoint.sparse_weights``) by ``SparseLinear`` modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kernels.bitmask import BitmaskTensor
+from kernels.registry import Kernel, select
+
+OP = "bitmask_linear"
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W [N, K] in the sparse-bitmask layout, computed by a registered kernel."""
+
+    def __init__(self, weight: BitmaskTensor, bias: Tensor | None, kernel: Kernel, packed: Any,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.kernel, self.packed, self.dtype = kernel, packed, dtype
+        self.density = weight.density
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @classmethod
+    def from_bitmask(cls, weight: BitmaskTensor, bias: Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+                     force: str | None = None) -> "SparseLinear":
+        kernel = select(OP, weight.values.device, dtype, force=force)
+        packed = kernel.pack(weight.to(dtype=dtype))
+        return cls(weight, bias, kernel, packed, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [..., K] -> [..., N]
+        lead = x.shape[:-1]
+        y = self.kernel.apply(x.reshape(-1, self.in_features).to(self.dtype).contiguous(), self.packed, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"density={self.density:.3f}, kernel={self.kernel.name}")
+
+
+def sparsify_linears(model: nn.Module, sparse_weights: dict[str, BitmaskTensor],
+                     dtype: torch.dtype = torch.bfloat16, force: str | None = None) -> list[str]:
+    """Replace every linear whose ``<name>.weight`` is in ``sparse_weights`` by a ``SparseLinear``."""
+    replaced = []
+    for weight_name, weight in sparse_weights.items():
+        module_name = weight_name.removesuffix(".weight")
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != weight.shape:
+            raise ValueError(f"{module_name} is {old!r}; it cannot take a sparse weight of shape {weight.shape}")
+        bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
+        setattr(parent, child, SparseLinear.from_bitmask(weight, bias, dtype=dtype, force=force))
+        replaced.append(module_name)
+    return replaced

@@ -1,0 +1,132 @@
+"""Every CPU implementation of bitmask_linear equals the pure-torch reference on odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.cpu as cpu
+from kernels.bitmask import bitmask_words, compress, unpack_bitmask
+from kernels.linear import SparseLinear, sparsify_linears
+from kernels.reference import bitmask_linear_reference
+from kernels.registry import ENV_FORCE, kernels_for, select
+
+CPU_KERNELS = [k.name for k in kernels_for("bitmask_linear") if k.supports("cpu", torch.bfloat16)]
+
+
+def sparse_weight(n: int, k: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    w[torch.rand(n, k, generator=gen) < sparsity] = 0
+    if sparsity == 1.0:
+        w.zero_()
+    return w
+
+
+def kernel_or_skip(name: str):
+    kernel = {k.name: k for k in kernels_for("bitmask_linear")}[name]
+    if not kernel.available():
+        pytest.skip(f"{name} unavailable here: {kernel.why_unavailable()}")
+    return kernel
+
+
+def assert_close_bf16(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """bf16 outputs: float32 sums in another order round to at most a couple of bf16 ulps apart."""
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    assert not torch.isnan(y).any()
+    scale = ref.float().abs().max().clamp_min(1.0)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(scale))
+
+
+@pytest.fixture()
+def tuning():
+    saved = (cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows)
+    yield cpu.TUNING
+    cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows = saved
+
+
+@pytest.mark.parametrize("name", CPU_KERNELS)
+@pytest.mark.parametrize("m", [1, 17, 127, 128, 129])
+@pytest.mark.parametrize("n, k", [(37, 72), (24, 129), (130, 40), (64, 256)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_equals_reference(name, m, n, k, sparsity, with_bias):
+    kernel = kernel_or_skip(name)
+    w = sparse_weight(n, k, sparsity, seed=m + n + k)
+    x = torch.randn(m, k).bfloat16()
+    bias = torch.randn(n).bfloat16() if with_bias else None
+    bitmask = compress(w)
+    assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
+
+
+@pytest.mark.parametrize("decode_max_rows, tile_rows", [(0, 16), (0, 50), (200, 512)])
+@pytest.mark.parametrize("m", [1, 9, 16, 33])
+def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
+    """Both paths of the AVX-512 kernel, whichever the tuning picks, with partial last tiles."""
+    kernel = kernel_or_skip("cpu_avx512")
+    tuning.decode_max_rows, tuning.tile_rows = decode_max_rows, tile_rows
+    w = sparse_weight(101, 200, 0.7, seed=m)
+    x = torch.randn(m, 200).bfloat16()
+    bias = torch.randn(101).bfloat16()
+    bitmask = compress(w)
+    assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
+
+
+def test_bitmask_words_follow_the_bitmask():
+    w = sparse_weight(5, 70, 0.6)
+    bitmask = compress(w)
+    words = bitmask_words(bitmask.bitmask, 70)  # int32 [5, 3]
+    assert words.shape == (5, 3)
+    bits = (words.view(torch.uint8).view(5, 12).unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    assert torch.equal(bits.reshape(5, 96)[:, :70].bool(), unpack_bitmask(bitmask.bitmask, 70))
+    assert not bits.reshape(5, 96)[:, 70:].any()  # padding columns are zero
+
+
+def test_selection_prefers_the_fast_path_and_can_be_forced(monkeypatch):
+    chosen = select("bitmask_linear", "cpu", torch.bfloat16)
+    expected = "cpu_avx512" if cpu.avx512_available() else "cpu_dense"
+    assert chosen.name == expected
+    assert select("bitmask_linear", "cpu", torch.float32).name == "cpu_dense"  # avx512 kernel is bf16 only
+    monkeypatch.setenv(ENV_FORCE, "reference")
+    assert select("bitmask_linear", "cpu", torch.bfloat16).name == "reference"
+    monkeypatch.setenv(ENV_FORCE, "no-such-kernel")
+    with pytest.raises(ValueError, match="no-such-kernel"):
+        select("bitmask_linear", "cpu", torch.bfloat16)
+
+
+def test_without_avx512_the_dense_fallback_serves(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
+    cpu.extension.cache_clear()
+    try:
+        assert "lacks" in cpu.avx512_unavailable_reason()
+        assert select("bitmask_linear", "cpu", torch.bfloat16).name == "cpu_dense"
+        with pytest.raises(ValueError, match="not available"):
+            select("bitmask_linear", "cpu", torch.bfloat16, force="cpu_avx512")
+        layer = SparseLinear.from_bitmask(compress(sparse_weight(24, 40, 0.5)))
+        x = torch.randn(3, 40).bfloat16()
+        assert layer.kernel.name == "cpu_dense"
+        assert_close_bf16(layer(x), bitmask_linear_reference(x, compress(sparse_weight(24, 40, 0.5))))
+    finally:
+        monkeypatch.undo()
+        cpu.extension.cache_clear()
+
+
+def test_sparsify_linears_swaps_modules_and_keeps_outputs(tiny_model):
+    from compress.adapter import get_adapter
+
+    model = tiny_model.to(torch.bfloat16)
+    adapter = get_adapter(model)
+    names = adapter.linear_weight_names()[:7]  # layer 0
+    sparse = {}
+    for name in names:
+        weight = model.get_parameter(name)
+        weight.data[torch.rand_like(weight, dtype=torch.float32) < 0.6] = 0
+        sparse[name] = compress(weight.data)
+    ids = torch.randint(3, 200, (2, 11))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        replaced = sparsify_linears(model, sparse)
+        after = model(input_ids=ids).logits
+    assert len(replaced) == 7
+    assert isinstance(model.get_submodule(replaced[0]), SparseLinear)
+    torch.testing.assert_close(after.float(), before.float(), rtol=0.05, atol=0.05)
