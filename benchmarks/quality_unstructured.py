@@ -7,6 +7,7 @@ continues where it stopped; --only runs a subset ("wanda:atp:0.7,dense").
 
     python benchmarks/quality_unstructured.py --windows 32
     python benchmarks/quality_unstructured.py --only wanda:uniform:0.7,wanda:atp:0.7
+    python benchmarks/quality_unstructured.py --report      # table + plot of the rows so far
 
 Prints a table, writes a plot next to --rows, then one JSON line.
 """
@@ -115,11 +116,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--selection-windows", type=int, default=8, help="ATP search: selection windows per beta")
     p.add_argument("--only", default=None, help="comma-separated rows (default: all)")
-    p.add_argument("--rows", type=Path, default=Path("runs/quality_unstructured.jsonl"))
+    p.add_argument("--rows", type=Path, default=Path("benchmarks/results/quality_unstructured.jsonl"))
+    p.add_argument("--report", action="store_true", help="only print the table and plot of the rows so far")
     args = p.parse_args()
 
-    path = fetch_model("smollm2-135m-instruct")
-    ids = eval_token_ids(load_checkpoint(path).tokenizer)
     args.rows.parent.mkdir(parents=True, exist_ok=True)
     results = {}
     if args.rows.is_file():
@@ -127,6 +127,12 @@ def main() -> None:
             r = json.loads(line)
             if r.get("windows") == args.windows:
                 results[r["row"]] = r
+    if args.report:
+        print(table(results, args.windows))
+        plot(results, args.rows.with_suffix(".png"))
+        return
+    path = fetch_model("smollm2-135m-instruct")
+    ids = eval_token_ids(load_checkpoint(path).tokenizer)
     wanted = args.only.split(",") if args.only else all_rows()
     for row in wanted:
         if row in results:

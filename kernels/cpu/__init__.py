@@ -108,10 +108,10 @@ def pack_avx512(weight: BitmaskTensor) -> PackedBitmask:
 @dataclass
 class CpuTuning:
     """Where the AVX-512 kernel hands over to decompress + dense GEMM, measured with benchmarks/kernels.py
-    on Zen 4: decoding wins up to 8 rows (at 16 the expanded zeros make it 4x slower than dense), and
-    256-row tiles are the best of 32..512 for the GEMM on decompressed tiles."""
+    on Zen 4: decoding (in passes of 8 rows) beats the tiles up to 16 rows, and 256-row tiles are the
+    best of 32..512 for the GEMM on decompressed tiles."""
 
-    decode_max_rows: int = 8
+    decode_max_rows: int = 16
     tile_rows: int = 256
 
 
