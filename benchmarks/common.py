@@ -1,4 +1,9 @@
-"""Shared by the benchmark scripts: the facts every final JSON line records."""
+"""Shared by the benchmark scripts: the facts every final JSON line records.
+
+Every script imports this module first: ``python benchmarks/X.py`` puts this folder at the head of
+``sys.path``, where ``benchmarks/kernels.py`` would shadow the ``kernels`` package, so importing
+``common`` takes the folder off the path (``common`` itself is already imported by then).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import torch
 import transformers

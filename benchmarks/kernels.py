@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from common import run_facts
+from common import run_facts  # first: takes this folder off sys.path, so `kernels` is the package
 
-# this script is called kernels.py: drop its folder from the path so `kernels` is the package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from kernels.bitmask import compress  # noqa: E402
 from kernels.cpu import dense_linear, prepack_dense  # noqa: E402
 from kernels.registry import select  # noqa: E402

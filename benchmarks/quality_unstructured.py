@@ -69,8 +69,9 @@ def run_row(row: str, path: Path, ids: torch.Tensor, args) -> dict:
 def table(results: dict[str, dict], windows: int) -> str:
     dense = results.get("dense", {}).get("ppl")
     lines = [f"wiki eval perplexity at 1024 tokens, {windows} windows; bf16; calibration c4 128 x 512",
-             f"{'method':<10} {'allocation':<9} {'sparsity':>8} {'ppl':>9} {'vs dense':>8} {'prune s':>8}  beta",
-             "-" * 66]
+             f"{'method':<10} {'allocation':<9} {'sparsity':>8} {'ppl':>9} {'vs dense':>8} {'vs uniform':>10} "
+             f"{'prune s':>8}  beta",
+             "-" * 78]
     for row in all_rows():
         if row not in results:
             continue
@@ -78,9 +79,11 @@ def table(results: dict[str, dict], windows: int) -> str:
         parts = row.split(":") if row != "dense" else ["dense", "-", "0"]
         method, allocation, sparsity = (parts[0], "2:4", "0.5") if parts[1:] == ["2", "4"] else parts
         ratio = f"{r['ppl'] / dense:.2f}x" if dense else ""
+        uniform = results.get(f"{method}:uniform:{sparsity}", {}).get("ppl")
+        vs_uniform = f"{r['ppl'] / uniform:.2f}x" if uniform and allocation not in ("uniform", "2:4", "-") else ""
         beta = f"{r['beta']:.3f}" if r.get("beta") is not None else ""
         lines.append(f"{method:<10} {allocation:<9} {float(sparsity):>8.1f} {r['ppl']:>9.2f} {ratio:>8} "
-                     f"{r['prune_seconds']:>8.1f}  {beta}")
+                     f"{vs_uniform:>10} {r['prune_seconds']:>8.1f}  {beta}")
     return "\n".join(lines)
 
 
