@@ -1,8 +1,10 @@
 """``sparse-serve``: load a checkpoint written by ``sparse-compress`` and answer.
 
 Today this loads any sparse-serve, llm-compressor sparse-bitmask or plain
-Hugging Face checkpoint and answers one chat message greedily (``--prompt``);
-the OpenAI-compatible HTTP server builds on the same loader.
+Hugging Face checkpoint - sparse linears stay compressed and run on the sparse
+kernels (``--dense`` decompresses them) - and answers one chat message
+greedily (``--prompt``); the OpenAI-compatible HTTP server builds on the same
+loader.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype (default: bfloat16)")
+    p.add_argument("--dense", action="store_true", help="decompress sparse weights (no sparse kernels)")
+    p.add_argument("--kernel", default=None,
+                   help="force a sparse kernel (e.g. cpu_avx512, cpu_dense, reference; default: the fastest here)")
     return p
 
 
@@ -36,15 +41,17 @@ def chat_once(model, tokenizer, prompt: str, max_tokens: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from compress.assets import AssetError
-    from compress.checkpoint import CheckpointError, load_checkpoint
+    from compress.checkpoint import CheckpointError
     from compress.models.registry import resolve_model
+    from sparse_serve.loader import load_for_serving
 
     try:
-        loaded = load_checkpoint(resolve_model(args.model), dtype=getattr(torch, args.dtype))
+        loaded = load_for_serving(resolve_model(args.model), dtype=getattr(torch, args.dtype), dense=args.dense,
+                                  kernel=args.kernel)
     except (ValueError, OSError, AssetError, CheckpointError) as err:
         print(f"sparse-serve: error: {err}", file=sys.stderr)
         return 2
-    print(chat_once(loaded.model.eval(), loaded.tokenizer, args.prompt, args.max_tokens))
+    print(chat_once(loaded.model, loaded.tokenizer, args.prompt, args.max_tokens))
     return 0
 
 

@@ -1,0 +1,53 @@
+"""Serving loads sparse linears onto the sparse kernels and answers like the dense model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.checkpoint import save_checkpoint
+from compress.sparsity.prune import prune_model
+from compress.sparsity.recipe import parse_recipe
+from kernels.linear import SparseLinear
+from sparse_serve.cli import main
+from sparse_serve.loader import load_for_serving
+
+
+@pytest.fixture(scope="module")
+def sparse_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    recipe = parse_recipe({"method": "magnitude", "sparsity": 0.6,
+                           "calibration": {"samples": 2, "seq_len": 16, "batch_size": 2}})
+    prune_model(model, tiny_tokenizer, recipe, progress=False)
+    out = tmp_path_factory.mktemp("serve") / "sparse"
+    save_checkpoint(model, tiny_tokenizer, out)
+    return out
+
+
+def test_sparse_linears_run_on_kernels_and_match_dense(sparse_dir):
+    sparse = load_for_serving(sparse_dir)
+    dense = load_for_serving(sparse_dir, dense=True)
+    assert len(sparse.sparse_linears) == 3 * 7  # every decoder linear of the tiny model
+    assert isinstance(sparse.model.get_submodule(sparse.sparse_linears[0]), SparseLinear)
+    assert not dense.sparse_linears
+    ids = torch.randint(3, 200, (2, 13))
+    with torch.no_grad():
+        a = sparse.model(input_ids=ids).logits.float()
+        b = dense.model(input_ids=ids).logits.float()
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_forced_kernel_reaches_every_layer(sparse_dir):
+    served = load_for_serving(sparse_dir, kernel="reference")
+    kernels = {served.model.get_submodule(name).kernel.name for name in served.sparse_linears}
+    assert kernels == {"reference"}
+
+
+def test_cli_answers_and_names_a_bad_kernel(sparse_dir, capsys):
+    for flags in ([], ["--dense"]):
+        assert main([str(sparse_dir), "--prompt", "hi", "--max-tokens", "4", *flags]) == 0
+    capsys.readouterr()
+    assert main([str(sparse_dir), "--prompt", "hi", "--kernel", "no-such"]) == 2
+    assert "no-such" in capsys.readouterr().err
