@@ -93,23 +93,28 @@ def plot(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = dict(zip(ALLOCATIONS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))  # same in every panel
     fig, axes = plt.subplots(1, len(METHODS), figsize=(13, 4), sharey=True)
     for ax, method in zip(axes, METHODS):
         for allocation in ALLOCATIONS:
             pts = [(s, results[f"{method}:{allocation}:{s}"]["ppl"]) for s in SPARSITIES
                    if f"{method}:{allocation}:{s}" in results]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=allocation)
+                ax.plot(*zip(*pts), "o-", color=colors[allocation], label=allocation)
         if "dense" in results:
             ax.axhline(results["dense"]["ppl"], color="gray", ls="--", lw=0.8, label="dense")
         ax.set_title(method)
         ax.set_xlabel("sparsity")
         ax.set_yscale("log")
     axes[0].set_ylabel("wiki perplexity @1024")
-    axes[0].legend()
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=c, marker="o", label=a) for a, c in colors.items()]
+    handles.append(plt.Line2D([], [], color="gray", ls="--", label="dense"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
 
 
 def main() -> None:
