@@ -70,8 +70,8 @@ def table(results: dict[str, dict], windows: int) -> str:
     dense = results.get("dense", {}).get("ppl")
     lines = [f"wiki eval perplexity at 1024 tokens, {windows} windows; bf16; calibration c4 128 x 512",
              f"{'method':<10} {'allocation':<9} {'sparsity':>8} {'ppl':>9} {'vs dense':>8} {'vs uniform':>10} "
-             f"{'prune s':>8}  beta",
-             "-" * 78]
+             f"{'prune s':>8} {'thr':>3}  beta",
+             "-" * 82]
     for row in all_rows():
         if row not in results:
             continue
@@ -83,7 +83,7 @@ def table(results: dict[str, dict], windows: int) -> str:
         vs_uniform = f"{r['ppl'] / uniform:.2f}x" if uniform and allocation not in ("uniform", "2:4", "-") else ""
         beta = f"{r['beta']:.3f}" if r.get("beta") is not None else ""
         lines.append(f"{method:<10} {allocation:<9} {float(sparsity):>8.1f} {r['ppl']:>9.2f} {ratio:>8} "
-                     f"{vs_uniform:>10} {r['prune_seconds']:>8.1f}  {beta}")
+                     f"{vs_uniform:>10} {r['prune_seconds']:>8.1f} {r.get('threads', 2):>3}  {beta}")
     return "\n".join(lines)
 
 
@@ -113,8 +113,6 @@ def plot(results: dict[str, dict], path: Path) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
 
 
 def main() -> None:
@@ -147,7 +145,7 @@ def main() -> None:
             continue
         start = time.perf_counter()
         results[row] = run_row(row, path, ids, args)
-        results[row]["wall_seconds"] = time.perf_counter() - start
+        results[row].update(wall_seconds=time.perf_counter() - start, threads=torch.get_num_threads())
         with args.rows.open("a") as fh:
             fh.write(json.dumps(results[row]) + "\n")
         print(f"{row}: ppl {results[row]['ppl']:.2f}", flush=True)

@@ -30,9 +30,11 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config: type[BaseModel]) -> None:
-    """Add a flag for every scalar or list field of ``config`` (nested sections: ``--set``)."""
+def add_config_flags(parser: argparse.ArgumentParser, config: type[BaseModel], exclude: tuple[str, ...] = ()) -> None:
+    """Add a flag for every scalar or list field of ``config`` but ``exclude`` (nested sections: ``--set``)."""
     for name, field in config.model_fields.items():
+        if name in exclude:
+            continue
         kind = _base_type(field.annotation)
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             continue

@@ -64,3 +64,39 @@ def sparsify_linears(model: nn.Module, sparse_weights: dict[str, BitmaskTensor],
         setattr(parent, child, SparseLinear.from_bitmask(weight, bias, dtype=dtype, force=force))
         replaced.append(module_name)
     return replaced
+
+
+class PrepackedLinear(nn.Module):
+    """A dense linear whose weight is prepacked once for oneDNN - the fastest dense CPU path here.
+
+    ``F.linear`` re-lays-out the weight and adds ~40 us per call; SmolLM2 runs 210 linears per token.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        from kernels.cpu import prepack_dense
+
+        self.out_features, self.in_features = linear.out_features, linear.in_features
+        self.packed = prepack_dense(linear.weight.detach())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:  # x [..., K] -> [..., N]
+        from kernels.cpu import dense_linear
+
+        lead = x.shape[:-1]
+        y = dense_linear(x.reshape(-1, self.in_features).contiguous(), self.packed, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, prepacked={self.packed.prepacked}"
+
+
+def prepack_linears(model: nn.Module) -> list[str]:
+    """Replace every plain CPU ``nn.Linear`` of ``model`` by a :class:`PrepackedLinear`; their names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module.weight.device.type == "cpu":
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, PrepackedLinear(module))
+            replaced.append(name)
+    return replaced

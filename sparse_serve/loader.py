@@ -1,10 +1,13 @@
-"""Load a checkpoint for serving: sparse linears stay compressed and run on the sparse kernels.
+"""Load a checkpoint for serving: sparse linears stay compressed, dense ones are prepacked.
 
-Contract: :func:`load_for_serving` reads any checkpoint ``load_checkpoint`` reads; every decoder
-linear stored as sparse-bitmask - or stored dense with at least ``compress_threshold`` zeros - is
-kept compressed and replaced by a :class:`kernels.linear.SparseLinear` running the kernel the
-registry selects for the device and dtype (``kernel`` forces one). ``dense=True`` decompresses
-everything instead (the baseline the speedups are measured against).
+Contract: :func:`load_for_serving` reads any checkpoint ``load_checkpoint`` reads (dense, sparse,
+structurally pruned; built on the meta device, weights assigned without a dense copy of sparse
+layers). Every decoder linear stored as sparse-bitmask - or stored dense with at least
+``compress_threshold`` zeros - is kept compressed and replaced by a :class:`kernels.linear.SparseLinear`
+running the kernel the registry selects for the device and dtype (``kernel`` forces one). With
+``prepack`` every remaining dense CPU linear (lm_head included) is prepacked for oneDNN.
+``dense=True`` decompresses everything instead (the baseline the speedups are measured against).
+``ServingModel.facts`` describes the compression for ``/v1/models`` and the metrics.
 """
 
 from __future__ import annotations
@@ -15,25 +18,57 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.adapter import get_adapter
 from compress.checkpoint import load_checkpoint
-from kernels.linear import sparsify_linears
+from kernels.linear import SparseLinear, prepack_linears, sparsify_linears
 
 
 @dataclass
 class ServingModel:
-    """A model ready to answer, and which of its linears run sparse."""
+    """A model ready to answer, which of its linears run sparse, and what was done to it."""
 
     model: nn.Module
     tokenizer: object
     sparse_linears: list[str] = field(default_factory=list)
+    facts: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        return "sparse" if self.sparse_linears else ("pruned" if self.facts.get("structured") else "dense")
 
 
 def load_for_serving(path: str | Path, dtype: torch.dtype = torch.bfloat16, dense: bool = False,
-                     compress_threshold: float = 0.3, kernel: str | None = None) -> ServingModel:
+                     compress_threshold: float = 0.3, kernel: str | None = None,
+                     prepack: bool = True) -> ServingModel:
     """The model at ``path`` with its sparse linears on the sparse kernels (see the module docstring)."""
-    if dense:
-        loaded = load_checkpoint(path, dtype=dtype)
-        return ServingModel(loaded.model.eval(), loaded.tokenizer)
-    loaded = load_checkpoint(path, dtype=dtype, decompress=False, compress_threshold=compress_threshold)
-    replaced = sparsify_linears(loaded.model, loaded.sparse_weights, dtype=dtype, force=kernel)
-    return ServingModel(loaded.model.eval(), loaded.tokenizer, replaced)
+    loaded = load_checkpoint(path, dtype=dtype, decompress=dense,
+                             compress_threshold=None if dense else compress_threshold)
+    replaced = [] if dense else sparsify_linears(loaded.model, loaded.sparse_weights, dtype=dtype, force=kernel)
+    if prepack:
+        prepack_linears(loaded.model)
+    facts = compression_facts(loaded, replaced)
+    return ServingModel(loaded.model.eval(), loaded.tokenizer, replaced, facts)
+
+
+def compression_facts(loaded, sparse_linears: list[str]) -> dict[str, object]:
+    """Method, sparsity and structure of a loaded checkpoint (what /v1/models reports)."""
+    manifest = loaded.manifest
+    recipe = manifest.recipe if manifest else {}
+    adapter = get_adapter(loaded.model)
+    structures = [adapter.layer_structure(i) for i in range(adapter.num_layers)]
+    cfg = loaded.model.config
+    structured = any(s.num_heads != cfg.num_attention_heads or s.intermediate_size != cfg.intermediate_size
+                     for s in structures)
+    densities = [m.density for m in loaded.model.modules() if isinstance(m, SparseLinear)]
+    sparsity = (1.0 - sum(densities) / len(densities)) if densities else _mean(loaded.detected_sparsity)
+    return {"method": recipe.get("method", "none"), "sparsity": round(sparsity, 4),
+            "allocation": recipe.get("allocation", {}).get("name") if isinstance(recipe.get("allocation"), dict)
+            else recipe.get("allocation"),
+            "structured": structured, "sparse_linears": len(sparse_linears), "source": loaded.source,
+            "heads_per_layer": [s.num_heads for s in structures] if structured else None,
+            "mlp_width_per_layer": [s.intermediate_size for s in structures] if structured else None,
+            "kernel": next((m.kernel.name for m in loaded.model.modules() if isinstance(m, SparseLinear)), None)}
+
+
+def _mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values) if values else 0.0

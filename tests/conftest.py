@@ -49,3 +49,13 @@ def smollm2(smollm2_dir):
     """(model, tokenizer) of SmolLM2 in bf16, shared by the integration tests (do not modify)."""
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture()
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (servers in tests bind loopback only)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -51,3 +51,10 @@ def test_cli_answers_and_names_a_bad_kernel(sparse_dir, capsys):
     capsys.readouterr()
     assert main([str(sparse_dir), "--prompt", "hi", "--kernel", "no-such"]) == 2
     assert "no-such" in capsys.readouterr().err
+
+
+def test_cli_names_a_missing_or_unsupported_model_directory(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+    assert "neither a local checkpoint directory nor a bundled model" in capsys.readouterr().err
+    assert main([str(tmp_path), "--port", "0"]) == 2  # a directory without config.json: no server starts
+    assert "has no config.json" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""Paged attention on CPU tensors: write new keys/values into cache slots, attend over block tables.
+
+Contract: the cache of one layer is ``k, v: [num_blocks, block_size, kv_heads, head_dim]``. A step's
+tokens are flattened to ``T`` rows; :class:`AttentionMetadata` says which rows are single-token
+decodes (attended in one batched call over padded block tables) and which are prefill chunks
+(attended one sequence at a time with a causal mask offset by the tokens already cached). Query heads
+share KV heads in groups (GQA). Pure functions; the runner builds the metadata once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class PrefillChunk:
+    """Rows [q_start, q_start + q_len) are positions [ctx_len - q_len, ctx_len) of one sequence."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_table: Tensor  # [blocks] long
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each row's keys live and what it may attend to."""
+
+    slots: Tensor  # [T] long: block * block_size + offset of each row's new key/value
+    decode_rows: Tensor  # [B] long: rows that are single-token decodes
+    decode_tables: Tensor  # [B, max_blocks] long, padded with block 0
+    decode_mask: Tensor  # [B, 1, 1, max_blocks * block_size] bool: key position < context length
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
+    """Store this step's keys/values. k, v: [T, kv_heads, head_dim]; caches [NB, bs, kv_heads, head_dim]."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: Tensor, tables: Tensor) -> Tensor:
+    """cache [NB, bs, H, d], tables [B, nb] -> [B, H, nb * bs, d]."""
+    b, nb = tables.shape
+    _, bs, h, d = cache.shape
+    blocks = cache.index_select(0, tables.reshape(-1))  # [B * nb, bs, H, d]; cheaper than cache[tables]
+    return blocks.view(b, nb * bs, h, d).transpose(1, 2)
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                    meta: AttentionMetadata, scale: float) -> Tensor:
+    """q [T, Hq, d], this step's k, v [T, Hkv, d] (already written to the cache) -> out [T, Hq, d]."""
+    if not meta.prefills:  # a pure decode step: every row is a decode row, in order
+        return _decode(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    if meta.decode_rows.numel():
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    for chunk in meta.prefills:
+        rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
+    return out
+
+
+def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
+    # q: [B, Hq, d] -> [B, Hq, 1, d]; keys [B, Hkv, L, d]
+    keys, values = gather_kv(k_cache, meta.decode_tables), gather_kv(v_cache, meta.decode_tables)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
+                                         scale=scale, enable_gqa=True)
+    return out.squeeze(2)  # [B, Hq, d]
+
+
+def _prefill(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, chunk: PrefillChunk,
+             scale: float) -> Tensor:
+    # q: [n, Hq, d]; the chunk's own k, v: [n, Hkv, d]
+    past = chunk.ctx_len - chunk.q_len
+    if past == 0:  # the whole context is in this step: no cache read, plain causal attention
+        keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
+    else:
+        table = chunk.block_table.unsqueeze(0)
+        keys = gather_kv(k_cache, table)[0, :, :chunk.ctx_len]  # [Hkv, ctx, d]
+        values = gather_kv(v_cache, table)[0, :, :chunk.ctx_len]
+        pos = torch.arange(chunk.ctx_len)
+        mask, causal = pos[None, :] <= (past + torch.arange(chunk.q_len))[:, None], False  # [n, ctx]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)  # [n, Hq, d]

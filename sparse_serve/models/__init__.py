@@ -1,0 +1,32 @@
+"""Paged forward passes per architecture, chosen by ``config.model_type`` through a registry.
+
+Contract: a paged model wraps a loaded transformers model (its modules, weights and kernels are used
+as they are - dense, sparse or structurally resized) and runs ``forward(ids [T], positions [T], meta,
+caches, logits_rows [S]) -> logits [S, V]`` over one step's flattened tokens. ``kv_shapes()`` gives
+each layer's ``(kv_heads, head_dim)``, which may differ per layer after structured pruning.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compress.adapter import UnsupportedModelError
+
+PAGED_MODELS: dict[str, type] = {}
+
+
+def register_paged(cls: type) -> type:
+    for model_type in cls.model_types:
+        PAGED_MODELS[model_type] = cls
+    return cls
+
+
+def build_paged_model(model: nn.Module):
+    """The paged wrapper for ``model``; a clear error for an unsupported architecture."""
+    from sparse_serve.models import llama  # noqa: F401  (registers the LLaMA family)
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in PAGED_MODELS:
+        raise UnsupportedModelError(f"sparse-serve cannot serve model_type {model_type!r}; "
+                                    f"supported: {sorted(PAGED_MODELS)}")
+    return PAGED_MODELS[model_type](model)
