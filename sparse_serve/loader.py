@@ -5,7 +5,8 @@ structurally pruned; built on the meta device, weights assigned without a dense 
 layers). Every decoder linear stored as sparse-bitmask - or stored dense with at least
 ``compress_threshold`` zeros - is kept compressed and replaced by a :class:`kernels.linear.SparseLinear`
 running the kernel the registry selects for the device and dtype (``kernel`` forces one). With
-``prepack`` every remaining dense CPU linear (lm_head included) is prepacked for oneDNN.
+``prepack`` every remaining dense CPU linear (lm_head included) is prepacked for oneDNN. With ``fuse``
+q/k/v and gate/up become one linear each (:mod:`sparse_serve.fusion`; the originals are views of it).
 ``dense=True`` decompresses everything instead (the baseline the speedups are measured against).
 ``ServingModel.facts`` describes the compression for ``/v1/models`` and the metrics.
 """
@@ -21,6 +22,8 @@ from torch import nn
 from compress.adapter import get_adapter
 from compress.checkpoint import load_checkpoint
 from kernels.linear import SparseLinear, prepack_linears, sparsify_linears
+from sparse_serve.fusion import fuse_linears
+from sparse_serve.models import paged_class
 
 
 @dataclass
@@ -39,11 +42,14 @@ class ServingModel:
 
 def load_for_serving(path: str | Path, dtype: torch.dtype = torch.bfloat16, dense: bool = False,
                      compress_threshold: float = 0.3, kernel: str | None = None,
-                     prepack: bool = True) -> ServingModel:
+                     prepack: bool = True, fuse: bool = True) -> ServingModel:
     """The model at ``path`` with its sparse linears on the sparse kernels (see the module docstring)."""
     loaded = load_checkpoint(path, dtype=dtype, decompress=dense,
                              compress_threshold=None if dense else compress_threshold)
+    fused = fuse_linears(loaded.model, paged_class(loaded.model).FUSED, loaded.sparse_weights, dtype, kernel,
+                         prepack) if fuse else []
     replaced = [] if dense else sparsify_linears(loaded.model, loaded.sparse_weights, dtype=dtype, force=kernel)
+    replaced += [name for name in fused if isinstance(loaded.model.get_submodule(name), SparseLinear)]
     if prepack:
         prepack_linears(loaded.model)
     facts = compression_facts(loaded, replaced)

@@ -3,7 +3,8 @@
 Contract: a paged model wraps a loaded transformers model (its modules, weights and kernels are used
 as they are - dense, sparse or structurally resized) and runs ``forward(ids [T], positions [T], meta,
 caches, logits_rows [S]) -> logits [S, V]`` over one step's flattened tokens. ``kv_shapes()`` gives
-each layer's ``(kv_heads, head_dim)``, which may differ per layer after structured pruning.
+each layer's ``(kv_heads, head_dim)``, which may differ per layer after structured pruning; ``FUSED``
+names the groups of linears fused at load time (:mod:`sparse_serve.fusion`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ def register_paged(cls: type) -> type:
     return cls
 
 
-def build_paged_model(model: nn.Module):
-    """The paged wrapper for ``model``; a clear error for an unsupported architecture."""
+def paged_class(model: nn.Module) -> type:
+    """The paged model class for ``model``'s architecture; a clear error for an unsupported one."""
     from sparse_serve.models import llama  # noqa: F401  (registers the LLaMA family)
 
     model_type = getattr(model.config, "model_type", None)
     if model_type not in PAGED_MODELS:
         raise UnsupportedModelError(f"sparse-serve cannot serve model_type {model_type!r}; "
                                     f"supported: {sorted(PAGED_MODELS)}")
-    return PAGED_MODELS[model_type](model)
+    return PAGED_MODELS[model_type]
+
+
+def build_paged_model(model: nn.Module):
+    """The paged wrapper for ``model``."""
+    return paged_class(model)(model)

@@ -22,6 +22,9 @@ class PagedLlama:
     """One step of a LLaMA-style decoder over flattened tokens."""
 
     model_types = ("llama", "mistral", "qwen2")
+    #: linears that read the same input, fused at load time (sparse_serve.fusion) under these names
+    FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
     def __init__(self, model: nn.Module):
         decoder = model.model
@@ -41,7 +44,7 @@ class PagedLlama:
         for layer, (k_cache, v_cache) in zip(self.layers, caches):
             x = layer.input_layernorm(h)
             h = h + self._attention(layer.self_attn, x, cos[0], sin[0], k_cache, v_cache, meta)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
         if logits_rows.numel() != h.shape[0]:  # decode-only steps need every row
             h = h[logits_rows]
         return self.lm_head(self.norm(h)).float()  # [S, V]
@@ -50,13 +53,28 @@ class PagedLlama:
     def _attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                    meta: AttentionMetadata) -> Tensor:
         t, d = x.shape[0], attn.head_dim
-        q = attn.q_proj(x).view(t, -1, d)  # [T, Hq, d]
-        k = attn.k_proj(x).view(t, -1, d)  # [T, Hkv, d]
-        v = attn.v_proj(x).view(t, -1, d)
+        qkv = getattr(attn, "qkv_proj", None)
+        if qkv is not None:  # one fused linear, then the heads split: [T, Hq + 2 Hkv, d]
+            heads = qkv(x).view(t, -1, d)
+            hq, hkv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+            q, k, v = heads.split([hq, hkv, hkv], dim=1)
+        else:
+            q = attn.q_proj(x).view(t, -1, d)  # [T, Hq, d]
+            k = attn.k_proj(x).view(t, -1, d)  # [T, Hkv, d]
+            v = attn.v_proj(x).view(t, -1, d)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
         write_kv(k_cache, v_cache, k, v, meta.slots)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, attn.scaling)  # [T, Hq, d]
         return attn.o_proj(out.reshape(t, -1))
+
+
+def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+    """down(act(gate(x)) * up(x)), through the fused gate/up linear when there is one."""
+    gate_up = getattr(mlp, "gate_up_proj", None)
+    if gate_up is None:
+        return mlp(x)
+    gate, up = gate_up(x).chunk(2, dim=-1)  # [T, I] each
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def _out_features(linear: nn.Module) -> int:

@@ -29,7 +29,8 @@ def sparse_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
 def test_sparse_linears_run_on_kernels_and_match_dense(sparse_dir):
     sparse = load_for_serving(sparse_dir)
     dense = load_for_serving(sparse_dir, dense=True)
-    assert len(sparse.sparse_linears) == 3 * 7  # every decoder linear of the tiny model
+    assert len(sparse.sparse_linears) == 3 * 4  # o, down and the fused q/k/v and gate/up of each layer
+    assert len(load_for_serving(sparse_dir, fuse=False).sparse_linears) == 3 * 7  # every decoder linear
     assert isinstance(sparse.model.get_submodule(sparse.sparse_linears[0]), SparseLinear)
     assert not dense.sparse_linears
     ids = torch.randint(3, 200, (2, 13))
