@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m-instruct
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup demo test test-unit clean
+.PHONY: setup demo test test-unit loadtest clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,13 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Load test: SmolLM2 dense vs the Wanda 70% checkpoint (pruned into the cache on first use) on 127.0.0.1,
+# profile chat, 1/4/8 users, each level bounded in requests and 60 s; report in loadtests/results/.
+# Add variants (e.g. a FLAP checkpoint) with LOADTEST_ARGS="--variants dense=... sparse=... flap=...".
+LOADTEST_ARGS ?=
+loadtest: setup
+	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

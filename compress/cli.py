@@ -119,6 +119,96 @@ def _run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- flap / self-prune -------------------------------------------------------------
+def _configure_structured(load_cls) -> Callable[[argparse.ArgumentParser], None]:
+    def configure(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="checkpoint directory or bundled model name")
+        p.add_argument("-o", "--output", type=Path, required=True, help="output checkpoint directory")
+        p.add_argument("--recipe", type=Path, help="YAML recipe (flags below override its fields)")
+        add_config_flags(p, load_cls())
+        p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                       help="override any recipe field, nested ones too (e.g. --set calibration.samples=256)")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.partial/")
+    return configure
+
+
+def structured_recipe_from_args(recipe_cls, args: argparse.Namespace):
+    """The structured recipe: YAML file, then flags, then --set overrides; validated."""
+    from compress.cliutil import deep_merge, parse_set
+    from compress.sparsity.recipe import read_recipe_file
+    from compress.structured.recipe import parse_structured
+
+    raw = read_recipe_file(args.recipe) if args.recipe else {}
+    flags = {k: getattr(args, k) for k in recipe_cls.model_fields if getattr(args, k, None) is not None}
+    raw = deep_merge(deep_merge(raw, flags), parse_set(args.overrides))
+    return parse_structured(recipe_cls, raw, where=str(args.recipe or "recipe"))
+
+
+def _flap_recipe_cls():
+    from compress.structured.recipe import FlapRecipe
+
+    return FlapRecipe
+
+
+def _self_prune_recipe_cls():
+    from compress.structured.recipe import SelfPruneRecipe
+
+    return SelfPruneRecipe
+
+
+def _print_structured(report, args: argparse.Namespace, what: str) -> None:
+    from compress.structured.job import REPORT_PNG
+
+    print(f"{what}: removed {report.achieved_ratio:.4f} of the decoder linears' parameters "
+          f"({report.params_before:,} -> {report.params_after:,}) in {report.seconds['total']:.1f} s -> "
+          f"{args.output} (plot: {args.output / REPORT_PNG})")
+    summary = {"output": str(args.output), "achieved_ratio": report.achieved_ratio,
+               "params_after": report.params_after, "seconds": report.seconds,
+               "heads": [layer["num_heads"] for layer in report.layers],
+               "mlp_widths": [layer["intermediate_size"] for layer in report.layers]}
+    if report.search:
+        summary["search"] = {"best_fitness": report.search["best"]["fitness"],
+                             "best_rates": report.search["best"]["rates"],
+                             "evaluations": report.search["evaluations"],
+                             "operators": report.search["operators"], "notes": report.search["notes"][-5:]}
+    print(json.dumps(summary))
+
+
+def _run_flap(args: argparse.Namespace) -> int:
+    from compress.models.registry import resolve_model
+    from compress.structured.job import run_flap_job
+
+    recipe = structured_recipe_from_args(_flap_recipe_cls(), args)
+    report = run_flap_job(resolve_model(args.model), recipe, args.output, resume=args.resume)
+    _print_structured(report, args, f"{recipe.method} ({recipe.metric}, {recipe.structure}, "
+                                    f"bias compensation {recipe.bias_compensation})")
+    return 0
+
+
+def _run_self_prune(args: argparse.Namespace) -> int:
+    from compress.models.registry import resolve_model
+    from compress.structured.job import SEARCH_PNG, run_self_prune_job
+
+    recipe = structured_recipe_from_args(_self_prune_recipe_cls(), args)
+    report = run_self_prune_job(resolve_model(args.model), recipe, args.output, resume=args.resume)
+    _print_structured(report, args, f"self-prune (best selection perplexity "
+                                    f"{report.search['best']['fitness']:.3f}, search plot {SEARCH_PNG})")
+    return 0
+
+
+# -- losa (the flags and the job live in compress/losa/cli.py) ----------------------
+def _configure_losa(p: argparse.ArgumentParser) -> None:
+    from compress.losa.cli import configure
+
+    configure(p)
+
+
+def _run_losa(args: argparse.Namespace) -> int:
+    from compress.losa.cli import run
+
+    return run(args)
+
+
 # -- export --------------------------------------------------------------------
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="sparse-serve checkpoint directory")
@@ -152,6 +242,13 @@ COMMANDS: dict[str, Command] = {
     "models": Command("bundled models (fetch, list)", _configure_models, _run_models),
     "prune": Command("layer-wise unstructured / N:M pruning (Wanda, SparseGPT, magnitude; "
                      "uniform, OWL, ATP, RMI allocation)", _configure_prune, _run_prune),
+    "flap": Command("structured pruning: FLAP (WIFV/IFV/WIFN, al-am/ul-um, bias compensation) or Wanda-sp",
+                    _configure_structured(_flap_recipe_cls), _run_flap),
+    "self-prune": Command("Self-Pruner: evolutionary (LLM or classical) search of per-layer structured rates, "
+                          "then FLAP with the best", _configure_structured(_self_prune_recipe_cls), _run_self_prune),
+    "search": Command("alias of self-prune", _configure_structured(_self_prune_recipe_cls), _run_self_prune),
+    "losa": Command("LoSA: progressive pruning with masked LoRA recovery merged into the sparse weights "
+                    "(baselines: plain LoRA, none)", _configure_losa, _run_losa),
     "eval": Command("perplexity and zero-shot accuracy of a checkpoint", _configure_eval, _run_eval),
     "export": Command("convert a checkpoint for other tools", _configure_export, _run_export),
     "info": Command("show a checkpoint's manifest summary", _configure_info, _run_info),

@@ -41,6 +41,13 @@ def configs(args: argparse.Namespace) -> tuple[ModelConfig, EngineConfig, Server
     return model, engine, server
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's thread count: ``threads``, or as many as CPUs this process may run on (taskset, cgroups)."""
+    import torch
+
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+
 def answer_once(model_cfg: ModelConfig, engine_cfg: EngineConfig, prompt: str, max_tokens: int) -> str:
     """Greedy answer to one user message through the engine (the tokenizer's chat template applied)."""
     import torch
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model_cfg, engine_cfg, server_cfg = configs(args)
+        set_threads(model_cfg.threads)
         if args.prompt is not None:
             print(answer_once(model_cfg, engine_cfg, args.prompt, args.max_tokens))
             return 0

@@ -29,6 +29,8 @@ class ModelConfig(_Strict):
     dense: bool = Field(False, description="decompress sparse weights and serve dense (the baseline)")
     kernel: str | None = Field(None, description="force a sparse kernel (cpu_avx512, cpu_dense, reference)")
     variant: str | None = Field(None, description="metrics label 'variant'; None: dense, sparse or pruned, from the model")
+    threads: int | None = Field(None, ge=1, description="torch threads; None: the CPUs this process may run on "
+                                                        "(two 2-thread servers sharing 2 cores slow each other 10x)")
 
 
 class CacheConfig(_Strict):

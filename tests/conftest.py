@@ -59,3 +59,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_server_url(tiny_model_dir):
+    """Base URL of a real sparse-serve server (uvicorn and the engine in threads of this process) serving
+    the tiny model on 127.0.0.1, shared by the load-test and deploy tests; stopped at the end."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from sparse_serve.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
+    from sparse_serve.server import DrainingServer, build_app, load_state
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = load_state(ModelConfig(model=str(tiny_model_dir), dtype="float32", max_model_len=2048, variant="tiny"),
+                       EngineConfig(cache=CacheConfig(num_blocks=512)), ServerConfig(port=port, log_level="warning"))
+    state.engine.start()
+    server = DrainingServer(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning"), state)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert thread.is_alive() and time.monotonic() < deadline, "the tiny server did not become healthy"
+        time.sleep(0.05)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        asyncio.run(state.engine.shutdown(0))
