@@ -7,7 +7,8 @@ bisection, bounds respected) so that their mean (weighted by layer size)
 equals the target exactly (to float rounding).
 
 :class:`EvolutionarySearch` runs (mu + lambda) evolution: an initial
-population of ``population`` candidates, then each generation ``crossovers``
+population of ``population`` candidates (opened by the given seeds, by default
+the uniform rates; the operator proposes the rest), then each generation ``crossovers``
 + ``mutations`` offspring, survivors = the best ``population`` of parents and
 offspring (lower fitness is better). Each operator call goes to the LLM
 operator when one is configured (:mod:`compress.structured.llm`) and falls
@@ -146,8 +147,6 @@ class ClassicalOperators:
     def propose(self, phase: str, population: Sequence[Candidate], rng: random.Random, slot: int) -> Offspring:
         space = self.space
         if phase == "init":
-            if slot == 0:
-                return Offspring(space.uniform(), [])
             return Offspring(space.repair([space.target + rng.gauss(0, self.init_spread)
                                            for _ in range(space.layers)]), [])
         if phase == "crossover":
@@ -195,8 +194,10 @@ class EvolutionarySearch:
 
     def __init__(self, space: RateSpace, fitness: Callable[[list[float]], float], settings: SearchSettings,
                  log_path: Path | None = None, job_id: str = "", llm: LLMOperators | None = None,
-                 progress: bool = True):
+                 progress: bool = True, seeds: Sequence[Sequence[float]] | None = None):
         self.space, self.fitness, self.settings = space, fitness, settings
+        seeds = [space.uniform()] if seeds is None else seeds
+        self.seeds = [space.repair(seed) for seed in seeds][:settings.population]
         self.log_path, self.job_id, self.llm, self.progress = log_path, job_id, llm, progress
         self.classical = ClassicalOperators(space, settings.init_spread, settings.mutation_sigma)
         self.candidates: list[Candidate] = []
@@ -281,11 +282,14 @@ class EvolutionarySearch:
         if missing <= 0:
             return done[:count]
         proposals: list[tuple[Offspring, str]] = []
-        if self.llm is not None and self.llm.active:
+        if phase == "init":  # the seeds open the initial population, whatever the operator
+            proposals = [(Offspring(seed, []), "seed") for seed in self.seeds[len(done):]]
+            missing -= len(proposals)
+        if self.llm is not None and self.llm.active and missing > 0:
             members = [(c.id, c.score, c.rates) for c in population]
             try:
                 found, problems = self.llm.propose(phase, missing, members)
-                proposals = [(o, "llm") for o in found]
+                proposals += [(o, "llm") for o in found]
                 if problems or len(found) < missing:
                     self._note(generation, phase, f"the LLM gave {len(found)} valid of {missing} wanted"
                                + (f" ({'; '.join(problems[:3])})" if problems else "")
@@ -345,7 +349,7 @@ def plot_search(log_path: Path, out: Path) -> Path:
     cands = [r for r in records if r.get("kind") == "candidate" and math.isfinite(r["fitness"])]
     gens = [r for r in records if r.get("kind") == "generation"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for op, color in (("classical", "tab:gray"), ("llm", "tab:purple")):
+    for op, color in (("seed", "tab:green"), ("classical", "tab:gray"), ("llm", "tab:purple")):
         pts = [(c["generation"], c["fitness"]) for c in cands if c["operator"] == op]
         if pts:
             ax.scatter(*zip(*pts), s=10, alpha=0.5, color=color, label=f"candidates ({op})")

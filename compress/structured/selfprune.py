@@ -9,7 +9,10 @@ candidate by the perplexity on ``selection_windows`` windows of the held-out
 from the cached statistics, evaluated without changing the model:
 :class:`compress.structured.fitness.PlanPerplexity`), runs the evolutionary
 search (:mod:`compress.structured.search`, LLM operators when an endpoint is
-configured) and finally prunes the model in place with the best rates.
+configured) and finally prunes the model in place with the best rates. The
+initial population opens with two seeds: the uniform rates and the rates
+FLAP's global ranking (al-am) chooses, so the search starts from FLAP and
+keeps it unless it finds better.
 The eval split is never touched.
 """
 
@@ -29,7 +32,7 @@ from compress.structured.flap import (
     StructuredReport, apply_plans, build_report, linear_params, plan_context, statistics, validate,
 )
 from compress.structured.llm import LLMOperators, llm_from_settings
-from compress.structured.planning import PlanContext, plan_layers
+from compress.structured.planning import PlanContext, plan_layers, plan_params
 from compress.structured.recipe import SelfPruneRecipe
 from compress.structured.search import EvolutionarySearch, RateSpace, SearchSettings
 
@@ -41,6 +44,12 @@ def rate_space(ctx: PlanContext, recipe: SelfPruneRecipe) -> RateSpace:
     upper = [min(recipe.max_rate, ctx.max_rate(i)) for i in range(ctx.num_layers)]
     sizes = [ctx.params_before(i) for i in range(ctx.num_layers)]
     return RateSpace.build([recipe.min_rate] * ctx.num_layers, upper, recipe.ratio, sizes)
+
+
+def global_rates(ctx: PlanContext, ratio: float) -> list[float]:
+    """The per-layer rates FLAP's global ranking (al-am) would choose at ``ratio``."""
+    after = plan_params(ctx, plan_layers(ctx, "al-am", ratio))
+    return [1.0 - a / ctx.params_before(i) for i, a in enumerate(after)]
 
 
 def search_settings(recipe: SelfPruneRecipe) -> SearchSettings:
@@ -77,10 +86,11 @@ def self_prune(model: nn.Module, tokenizer, recipe: SelfPruneRecipe, state_dir: 
 
     search_fields = recipe.model_dump(exclude={"generations", "llm_base_url", "llm_model", "llm_api_key_env",
                                                "llm_timeout_s", "llm_temperature", "llm_max_tokens"})
-    job_id = fingerprint("self-prune", job, search_fields, windows)
+    seeds = [space.uniform(), space.repair(global_rates(ctx, recipe.ratio))]
+    job_id = fingerprint("self-prune", job, search_fields, windows, seeds)
     search = EvolutionarySearch(space, fitness, search_settings(recipe),
                                 log_path=state / LOG_NAME if state else None, job_id=job_id,
-                                llm=llm_operators(recipe, space), progress=progress)
+                                llm=llm_operators(recipe, space), progress=progress, seeds=seeds)
     result = search.run()
     searched = time.perf_counter()
     best = result.best["rates"]

@@ -145,7 +145,7 @@ def test_llm_answering_invalid_json_falls_back_cleanly(tmp_path):
                                     llm=llm_for(stub.url, s), progress=False)
         result = search.run()
     total = SMALL.population + SMALL.generations * (SMALL.crossovers + SMALL.mutations)
-    assert result.candidates == total and result.operators == {"classical": total}
+    assert result.candidates == total and result.operators == {"seed": 1, "classical": total - 1}
     assert len(stub.requests) == 1 + 2 * SMALL.generations  # one call per operator, every time answered
     assert stub.requests[0][1]["model"] == "stub-model"  # the first model the endpoint lists
     assert all("contains no JSON" in note for note in result.notes) and len(result.notes) == 7
@@ -174,7 +174,7 @@ def test_llm_operator_candidates_are_used_with_the_api_key(tmp_path, monkeypatch
     headers, request = stub.requests[0]
     assert headers["Authorization"] == "Bearer sekret" and request["model"] == "any-model"
     assert request["temperature"] == 0.2
-    assert result.operators == {"llm": result.candidates}
+    assert result.operators == {"seed": 1, "llm": result.candidates - 1}  # the uniform seed opens the search
     assert result.best["operator"] == "llm"
     assert abs(space().mean(result.best["rates"]) - 0.35) < 1e-12
 
@@ -183,7 +183,7 @@ def test_endpoint_down_falls_back_and_turns_the_llm_off(free_port):
     s = space()
     llm = llm_for(f"http://127.0.0.1:{free_port}/v1", s, model="m")
     result = EvolutionarySearch(s, CountingFitness(), SMALL, llm=llm, progress=False).run()
-    assert result.operators == {"classical": result.candidates}
+    assert result.operators == {"seed": 1, "classical": result.candidates - 1}
     assert "cannot reach" in result.notes[0] and "turning the LLM operator off" in result.notes[2]
     assert len(result.notes) == 3 and not llm.active
 
@@ -253,7 +253,7 @@ def test_cli_search_alias_with_a_dead_endpoint_keeps_going(tiny_model_dir, tmp_p
     assert main(["search", str(tiny_model_dir), "-o", str(out), *ARGS,
                  "--llm-base-url", f"http://127.0.0.1:{free_port}/v1", "--llm-model", "m"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["search"]["operators"] == {"classical": 12}
+    assert summary["search"]["operators"] == {"seed": 2, "classical": 10}  # uniform and FLAP's al-am seeds
     assert any("cannot reach" in note for note in summary["search"]["notes"])
 
 
@@ -299,3 +299,11 @@ def test_interrupted_self_prune_job_resumes_from_its_log(tiny_model_dir, tmp_pat
     report = run_self_prune_job(tiny_model_dir, recipe, out, resume=True, progress=False)
     assert report.search["candidates"] == 12 and report.search["evaluations"] == len(calls) <= 12 - logged
     assert not (tmp_path / "sp.partial").exists() and (out / "self_prune_log.jsonl").is_file()
+
+
+def test_seeds_open_the_initial_population():
+    s = space()
+    seeds = [[0.35] * L, PROFILE]
+    result = EvolutionarySearch(s, CountingFitness(), SMALL, seeds=seeds, progress=False).run()
+    assert result.operators["seed"] == 2
+    assert result.best["operator"] == "seed" or result.best["fitness"] <= CountingFitness()(s.repair(PROFILE))
