@@ -94,7 +94,11 @@ def run_row(row: str, base: Path, ids: torch.Tensor, args) -> dict:
             s = report["search"]
             result.update(search_best_fitness=s["best"]["fitness"], search_evaluations=s["evaluations"],
                           search_candidates=s["candidates"], searched_rates=s["best"]["rates"],
-                          search_first_best=s["history"][0]["best_fitness"])
+                          search_first_best=s["history"][0]["best_fitness"],
+                          search_settings={k: getattr(args, k) for k in ("population", "crossovers", "mutations",
+                                                                         "generations", "selection_windows",
+                                                                         "selection_seq_len")},
+                          search_operators=s["operators"])
         save_checkpoint(model, tok, checkpoint_dir(args, row), recipe=report["recipe"], base_model=str(base))
     ppl = perplexity(model, ids, 1024, args.windows)
     result.update(ppl=ppl.ppl, windows=ppl.windows, eval_seconds=ppl.seconds)
@@ -260,8 +264,8 @@ def main() -> None:
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--crossovers", type=int, default=4)
     p.add_argument("--mutations", type=int, default=4)
-    p.add_argument("--generations", type=int, default=5)
-    p.add_argument("--selection-windows", type=int, default=4)
+    p.add_argument("--generations", type=int, default=6)
+    p.add_argument("--selection-windows", type=int, default=8)
     p.add_argument("--selection-seq-len", type=int, default=512)
     p.add_argument("--only", default=None, help="comma-separated rows (default: all)")
     p.add_argument("--rows", type=Path, default=Path("benchmarks/results/quality_structured.jsonl"))
