@@ -55,6 +55,7 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DENSE = "smollm2-135m-instruct"
 WANDA70 = Path.home() / ".cache" / "sparse-serve" / "bench" / "smollm2-wanda-70"
+FLAP50 = Path.home() / ".cache" / "sparse-serve" / "bench" / "smollm2-flap-50"
 
 
 class DriverConfig(BaseModel):
@@ -63,8 +64,9 @@ class DriverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     variants: list[str] = Field(default_factory=list, description=(
-        "NAME=CHECKPOINT [sparse-serve flags], baseline first; default: dense=smollm2-135m-instruct and "
-        f"sparse=the Wanda 70%% SmolLM2 in {WANDA70} (pruned there if missing, about 3 minutes)"))
+        "NAME=CHECKPOINT [sparse-serve flags], baseline first; default: dense=smollm2-135m-instruct, "
+        f"sparse=the Wanda 70%% SmolLM2 in {WANDA70} and flap=the FLAP 50%% SmolLM2 in {FLAP50} "
+        "(each pruned there if missing, about 3 minutes)"))
     baseline: str | None = Field(None, description="variant the speedups are measured against (default: the first)")
     profile: str = Field("chat", description="load profile: a name under loadtests/profiles or a YAML path")
     concurrency: list[int] = Field(default_factory=lambda: [1, 4, 8], description="closed-loop users per level")
@@ -105,14 +107,22 @@ def parse_variant(spec: str) -> Variant:
     return Variant(name, os.path.expanduser(checkpoint), flags)
 
 
+def ensure_checkpoint(out: Path, command: list[str], done_file: str) -> None:
+    """Run ``sparse-compress COMMAND... -o OUT`` unless OUT has ``done_file``, the job's last output (resumes)."""
+    if (out / done_file).exists():
+        return
+    print(f"building {out} (first run only): sparse-compress {' '.join(command)}", flush=True)
+    resume = ["--resume"] if out.with_name(out.name + ".partial").exists() else []
+    subprocess.run([sys.executable, "-m", "compress.cli", *command, "-o", str(out), *resume], check=True, cwd=REPO)
+
+
 def default_variants() -> list[Variant]:
-    """SmolLM2 dense and the Wanda 70% SmolLM2 (pruned into the cache the first time)."""
-    if not (WANDA70 / "prune_report.json").exists():
-        print(f"pruning SmolLM2 to 70% with Wanda into {WANDA70} (first run only)", flush=True)
-        resume = ["--resume"] if WANDA70.with_suffix(".partial").exists() else []
-        subprocess.run([sys.executable, "-m", "compress.cli", "prune", DEFAULT_DENSE, "-o", str(WANDA70),
-                        "--method", "wanda", "--sparsity", "0.7", *resume], check=True, cwd=REPO)
-    return [Variant("dense", DEFAULT_DENSE), Variant("sparse", str(WANDA70))]
+    """SmolLM2 dense, Wanda 70% and FLAP 50% (both pruned into the cache the first time)."""
+    ensure_checkpoint(WANDA70, ["prune", DEFAULT_DENSE, "--method", "wanda", "--sparsity", "0.7"],
+                      "prune_report.json")
+    ensure_checkpoint(FLAP50, ["flap", DEFAULT_DENSE, "--recipe", str(REPO / "recipes" / "flap_50.yaml")],
+                      "structured_report.json")
+    return [Variant("dense", DEFAULT_DENSE), Variant("sparse", str(WANDA70)), Variant("flap", str(FLAP50))]
 
 
 def pin(cpus: list[int] | None):

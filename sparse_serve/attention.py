@@ -2,18 +2,25 @@
 
 Contract: the cache of one layer is ``k, v: [num_blocks, block_size, kv_heads, head_dim]``. A step's
 tokens are flattened to ``T`` rows; :class:`AttentionMetadata` says which rows are single-token
-decodes (attended in one batched call over padded block tables) and which are prefill chunks
-(attended one sequence at a time with a causal mask offset by the tokens already cached). Query heads
-share KV heads in groups (GQA). Pure functions; the runner builds the metadata once per step.
+decodes (attended in one batched call over padded block tables, by the ``paged_decode`` op of
+:mod:`kernels.fused`, which reads the cache in place) and which are prefill chunks (attended one
+sequence at a time with a causal mask offset by the tokens already cached). Query heads share KV heads
+in groups (GQA). Pure functions; the runner builds the metadata once per step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels.fused import gather_blocks, torch_paged_decode
+
+PagedDecode = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]  # kernels.fused.LayerOps
 
 
 @dataclass
@@ -33,7 +40,7 @@ class AttentionMetadata:
     slots: Tensor  # [T] long: block * block_size + offset of each row's new key/value
     decode_rows: Tensor  # [B] long: rows that are single-token decodes
     decode_tables: Tensor  # [B, max_blocks] long, padded with block 0
-    decode_mask: Tensor  # [B, 1, 1, max_blocks * block_size] bool: key position < context length
+    decode_lens: Tensor  # [B] long: context length of each decode row (its new key included)
     prefills: list[PrefillChunk]
 
 
@@ -43,34 +50,19 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tens
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: Tensor, tables: Tensor) -> Tensor:
-    """cache [NB, bs, H, d], tables [B, nb] -> [B, H, nb * bs, d]."""
-    b, nb = tables.shape
-    _, bs, h, d = cache.shape
-    blocks = cache.index_select(0, tables.reshape(-1))  # [B * nb, bs, H, d]; cheaper than cache[tables]
-    return blocks.view(b, nb * bs, h, d).transpose(1, 2)
-
-
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                    meta: AttentionMetadata, scale: float) -> Tensor:
+                    meta: AttentionMetadata, scale: float, decode: PagedDecode = torch_paged_decode) -> Tensor:
     """q [T, Hq, d], this step's k, v [T, Hkv, d] (already written to the cache) -> out [T, Hq, d]."""
     if not meta.prefills:  # a pure decode step: every row is a decode row, in order
-        return _decode(q, k_cache, v_cache, meta, scale)
+        return decode(q, k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale)
     out = torch.empty_like(q)
     if meta.decode_rows.numel():
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+        out[meta.decode_rows] = decode(q[meta.decode_rows], k_cache, v_cache, meta.decode_tables,
+                                       meta.decode_lens, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
     return out
-
-
-def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
-    # q: [B, Hq, d] -> [B, Hq, 1, d]; keys [B, Hkv, L, d]
-    keys, values = gather_kv(k_cache, meta.decode_tables), gather_kv(v_cache, meta.decode_tables)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
-                                         scale=scale, enable_gqa=True)
-    return out.squeeze(2)  # [B, Hq, d]
 
 
 def _prefill(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, chunk: PrefillChunk,
@@ -81,8 +73,8 @@ def _prefill(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, 
         keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
     else:
         table = chunk.block_table.unsqueeze(0)
-        keys = gather_kv(k_cache, table)[0, :, :chunk.ctx_len]  # [Hkv, ctx, d]
-        values = gather_kv(v_cache, table)[0, :, :chunk.ctx_len]
+        keys = gather_blocks(k_cache, table)[0, :, :chunk.ctx_len]  # [Hkv, ctx, d]
+        values = gather_blocks(v_cache, table)[0, :, :chunk.ctx_len]
         pos = torch.arange(chunk.ctx_len)
         mask, causal = pos[None, :] <= (past + torch.arange(chunk.q_len))[:, None], False  # [n, ctx]
     out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal,

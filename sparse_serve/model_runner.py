@@ -73,7 +73,6 @@ class ModelRunner:
             row += c.num_tokens
         width = max((len(t) for t in decode_tables), default=0)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
-        mask = torch.arange(width * self.block_size)[None, :] < torch.tensor(decode_ctx, dtype=torch.long)[:, None]
         return AttentionMetadata(slots=slots, decode_rows=torch.tensor(decode_rows, dtype=torch.long),
                                  decode_tables=tables.view(len(decode_tables), width),
-                                 decode_mask=mask.view(len(decode_tables), 1, 1, width * self.block_size), prefills=prefills)
+                                 decode_lens=torch.tensor(decode_ctx, dtype=torch.long), prefills=prefills)

@@ -1,19 +1,29 @@
 """The LLaMA family (LLaMA 1-3, SmolLM2, Mistral without sliding window, Qwen2) over a paged KV cache.
 
-Runs the transformers modules of the loaded model directly - norms, linears (dense, prepacked or
-sparse), MLP and rotary embedding - so its numerics are the reference forward's; only attention is
-replaced by :func:`sparse_serve.attention.paged_attention`. Heads per layer are read from the weight
-shapes, so structurally pruned layers (fewer heads, narrower MLP, o_proj/down_proj biases) just work.
+Runs the loaded model's own linears (dense, prepacked or sparse) and rotary embedding; the glue
+between them - RMSNorm with the residual add, rotary, SiLU-gate and decode attention - goes through
+:mod:`kernels.fused`, whose ops round exactly as the transformers modules do, so the numerics are the
+reference forward's. Attention reads the paged cache (:func:`sparse_serve.attention.paged_attention`).
+Modules the fused ops do not know (another norm or activation) are called as they are. Heads per
+layer are read from the weight shapes, so structurally pruned layers (fewer heads, narrower MLP,
+o_proj/down_proj biases) just work.
 """
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from collections.abc import Callable
 
+from torch import Tensor, nn
+from transformers.activations import SiLUActivation
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from kernels.fused import LayerOps, layer_ops
 from sparse_serve.attention import AttentionMetadata, paged_attention, write_kv
 from sparse_serve.models import register_paged
 
+RMS_NORMS = (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm)  # weight * normalize(x), what ops.rms_norm computes
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (k, v): [num_blocks, block_size, kv_heads, head_dim]
 
 
@@ -31,6 +41,10 @@ class PagedLlama:
         self.embed, self.norm, self.rotary = decoder.embed_tokens, decoder.norm, decoder.rotary_emb
         self.lm_head = model.lm_head
         self.layers = list(decoder.layers)
+        self.ops = layer_ops(self.embed.weight.device, self.embed.weight.dtype)
+        # per layer: the norm before attention, the one before the MLP; then the final norm
+        self.norms = [_norm_fn(m, self.ops) for layer in self.layers
+                      for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [_norm_fn(self.norm, self.ops)]
 
     def kv_shapes(self) -> list[tuple[int, int]]:
         """(kv_heads, head_dim) of every layer."""
@@ -39,18 +53,18 @@ class PagedLlama:
 
     def forward(self, ids: Tensor, positions: Tensor, meta: AttentionMetadata, caches: KVCache,
                 logits_rows: Tensor) -> Tensor:
-        h = self.embed(ids)  # [T, D]
+        h = self.embed(ids)  # [T, D]: the residual stream, updated in place
         cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))  # [1, T, head_dim]
-        for layer, (k_cache, v_cache) in zip(self.layers, caches):
-            x = layer.input_layernorm(h)
-            h = h + self._attention(layer.self_attn, x, cos[0], sin[0], k_cache, v_cache, meta)
-            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
-        if logits_rows.numel() != h.shape[0]:  # decode-only steps need every row
-            h = h[logits_rows]
-        return self.lm_head(self.norm(h)).float()  # [S, V]
+        cos, sin = cos[0], sin[0]
+        x = self.norms[0](h, None)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, caches)):
+            x = self.norms[2 * i + 1](h, self._attention(layer.self_attn, x, cos, sin, k_cache, v_cache, meta))
+            x = self.norms[2 * i + 2](h, _mlp(layer.mlp, x, self.ops))  # the next layer's input (or the final norm)
+        if logits_rows.numel() != x.shape[0]:  # decode-only steps need every row
+            x = x[logits_rows]
+        return self.lm_head(x).float()  # [S, V]
 
-    @staticmethod
-    def _attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+    def _attention(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                    meta: AttentionMetadata) -> Tensor:
         t, d = x.shape[0], attn.head_dim
         qkv = getattr(attn, "qkv_proj", None)
@@ -62,17 +76,38 @@ class PagedLlama:
             q = attn.q_proj(x).view(t, -1, d)  # [T, Hq, d]
             k = attn.k_proj(x).view(t, -1, d)  # [T, Hkv, d]
             v = attn.v_proj(x).view(t, -1, d)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        self.ops.rotary_(q, k, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slots)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, attn.scaling)  # [T, Hq, d]
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, attn.scaling, self.ops.paged_decode)  # [T, Hq, d]
         return attn.o_proj(out.reshape(t, -1))
 
 
-def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
-    """down(act(gate(x)) * up(x)), through the fused gate/up linear when there is one."""
+Norm = Callable[[Tensor, "Tensor | None"], Tensor]  # (h, delta): h += delta in place (if given), then norm(h)
+
+
+def _norm_fn(norm: nn.Module, ops: LayerOps) -> Norm:
+    """The residual add and ``norm`` as one call: fused for LLaMA's RMSNorm, the module itself otherwise."""
+    if type(norm) in RMS_NORMS:
+        weight, eps = norm.weight.detach(), norm.variance_epsilon
+
+        def fused(h: Tensor, delta: Tensor | None) -> Tensor:
+            return ops.rms_norm(h, weight, eps) if delta is None else ops.add_rms_norm_(h, delta, weight, eps)
+        return fused
+
+    def plain(h: Tensor, delta: Tensor | None) -> Tensor:
+        if delta is not None:
+            h.add_(delta)
+        return norm(h)
+    return plain
+
+
+def _mlp(mlp: nn.Module, x: Tensor, ops: LayerOps) -> Tensor:
+    """down(act(gate(x)) * up(x)), through the fused gate/up linear (and SiLU-gate op) when there is one."""
     gate_up = getattr(mlp, "gate_up_proj", None)
     if gate_up is None:
         return mlp(x)
+    if isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation)):
+        return mlp.down_proj(ops.silu_mul(gate_up(x)))
     gate, up = gate_up(x).chunk(2, dim=-1)  # [T, I] each
     return mlp.down_proj(mlp.act_fn(gate) * up)
 

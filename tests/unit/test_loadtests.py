@@ -216,3 +216,16 @@ def test_locustfile_refuses_a_non_loopback_host(tmp_path):
                   timeout=30)
     assert proc.returncode == 2
     assert "only target loopback" in proc.stderr
+
+
+def test_ensure_checkpoint_builds_once_then_reuses(tiny_model_dir, tmp_path):
+    from loadtests.run import ensure_checkpoint
+
+    out = tmp_path / "flap"
+    command = ["flap", str(tiny_model_dir), "--ratio", "0.4", "--mlp-multiple", "8", "--min-mlp-width", "8",
+               "--dtype", "float32", "--set", "calibration.samples=8", "--set", "calibration.seq_len=32"]
+    ensure_checkpoint(out, command, "structured_report.json")
+    assert (out / "structured_report.json").is_file() and (out / "config.json").is_file()
+    stamp = (out / "structured_report.json").stat().st_mtime_ns
+    ensure_checkpoint(out, command, "structured_report.json")  # finished: not built again
+    assert (out / "structured_report.json").stat().st_mtime_ns == stamp

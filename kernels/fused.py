@@ -1,0 +1,133 @@
+"""Fused elementwise ops of a LLaMA decoder layer: RMSNorm (with the residual add), rotary embedding
+and SiLU-gate, as one call each.
+
+Contract: :class:`LayerOps` is four pure functions with the arithmetic - and the rounding - of the
+transformers modules they replace (``LlamaRMSNorm``, ``apply_rotary_pos_emb``, ``act_fn(gate) * up``):
+
+* ``rms_norm(x [T, D], weight [D], eps) -> [T, D]``
+* ``add_rms_norm_(h [T, D], delta [T, D], weight [D], eps) -> [T, D]``: ``h += delta`` in place, then
+  the norm of the new ``h`` (the residual stream and the next sublayer's input in one pass)
+* ``rotary_(q [T, Hq, d], k [T, Hk, d], cos [T, d], sin [T, d])``: in place, rotate-half convention
+* ``silu_mul(gate_up [T, 2I]) -> [T, I]``: ``silu(gate_up[:, :I]) * gate_up[:, I:]``
+* ``paged_decode(q [B, Hq, d], k_cache, v_cache [NB, bs, Hk, d], tables [B, nb], lens [B], scale)
+  -> [B, Hq, d]``: one query per sequence over its first ``lens[b]`` cached positions (GQA), what
+  ``scaled_dot_product_attention`` computes on the gathered blocks
+
+:data:`TORCH_OPS` is the reference, written with torch ops exactly as transformers computes. The
+``cpu_fused`` implementation (``cpu/fused_ops.cpp``, compiled on first use and cached next to the
+bitmask kernel) does each in one pass over the rows, which at batch 1 removes most of a decode
+step's per-op dispatch cost. :func:`layer_ops` picks the best one for a device and dtype;
+``SPARSE_SERVE_FUSED_OPS=torch`` forces the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ENV_FORCE = "SPARSE_SERVE_FUSED_OPS"
+SOURCE = Path(__file__).parent / "cpu" / "fused_ops.cpp"
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """One implementation of the fused layer ops (see the module docstring)."""
+
+    name: str
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]
+    add_rms_norm_: Callable[[Tensor, Tensor, Tensor, float], Tensor]
+    rotary_: Callable[[Tensor, Tensor, Tensor, Tensor], None]
+    silu_mul: Callable[[Tensor], Tensor]
+    paged_decode: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
+
+
+# -- reference: transformers' arithmetic, op by op -----------------------------------------------------
+def torch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def torch_add_rms_norm_(h: Tensor, delta: Tensor, weight: Tensor, eps: float) -> Tensor:
+    h.add_(delta)
+    return torch_rms_norm(h, weight, eps)
+
+
+def torch_rotary_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, d]
+    for x in (q, k):
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        x.copy_(x * c + rotated * s)
+
+
+def torch_silu_mul(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gather_blocks(cache: Tensor, tables: Tensor) -> Tensor:
+    """cache [NB, bs, H, d], tables [B, nb] -> [B, H, nb * bs, d]."""
+    b, nb = tables.shape
+    _, bs, h, d = cache.shape
+    blocks = cache.index_select(0, tables.reshape(-1))  # [B * nb, bs, H, d]; cheaper than cache[tables]
+    return blocks.view(b, nb * bs, h, d).transpose(1, 2)
+
+
+def torch_paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, lens: Tensor,
+                       scale: float) -> Tensor:
+    keys, values = gather_blocks(k_cache, tables), gather_blocks(v_cache, tables)  # [B, Hk, L, d]
+    mask = torch.arange(keys.shape[2])[None, :] < lens[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
+                                         scale=scale, enable_gqa=True)
+    return out.squeeze(2)  # [B, Hq, d]
+
+
+TORCH_OPS = LayerOps("torch", torch_rms_norm, torch_add_rms_norm_, torch_rotary_, torch_silu_mul,
+                     torch_paged_decode)
+
+
+# -- the compiled CPU implementation -------------------------------------------------------------------
+@functools.cache
+def extension() -> ModuleType | str:
+    """The compiled extension, or why it cannot be had (built once, then cached on disk)."""
+    from torch.utils.cpp_extension import load
+
+    from kernels.cpu import extension_dir
+
+    try:
+        return load(name="sparse_serve_fused_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], build_directory=str(extension_dir()), verbose=False)
+    except Exception as err:  # a compiler error must not break serving: the reference serves
+        return f"compiling {SOURCE.name} failed ({type(err).__name__}: {str(err)[-300:]})"
+
+
+@functools.cache
+def cpu_fused_ops() -> LayerOps | None:
+    ext = extension()
+    if isinstance(ext, str):
+        return None
+    return LayerOps("cpu_fused", ext.rms_norm, ext.add_rms_norm_, ext.rotary_, ext.silu_mul, ext.paged_decode)
+
+
+def layer_ops(device: torch.device | str, dtype: torch.dtype) -> LayerOps:
+    """The fastest implementation for ``device`` / ``dtype`` (the reference unless forced otherwise)."""
+    forced = os.environ.get(ENV_FORCE)
+    if forced not in (None, "", "torch", "cpu_fused"):
+        raise ValueError(f"{ENV_FORCE}={forced!r}: choose 'torch' or 'cpu_fused'")
+    if forced == "torch":
+        return TORCH_OPS
+    fused = cpu_fused_ops() if torch.device(device).type == "cpu" and dtype in (torch.float32,
+                                                                                  torch.bfloat16) else None
+    if forced == "cpu_fused" and fused is None:
+        raise ValueError(f"{ENV_FORCE}=cpu_fused cannot run on {device} {dtype}: "
+                         f"{extension() if isinstance(extension(), str) else 'CPU float32/bfloat16 only'}")
+    return fused or TORCH_OPS

@@ -1,0 +1,111 @@
+"""The fused layer ops (kernels.fused) against the transformers modules they replace, both
+implementations, float32 and bfloat16 (where the compiled ops must round exactly like the modules)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from kernels.fused import ENV_FORCE, TORCH_OPS, LayerOps, cpu_fused_ops, gather_blocks, layer_ops
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def implementations() -> list[LayerOps]:
+    fused = cpu_fused_ops()
+    return [TORCH_OPS] + ([fused] if fused is not None else [])
+
+
+@pytest.fixture(params=["torch", "cpu_fused"])
+def ops(request) -> LayerOps:
+    chosen = {o.name: o for o in implementations()}
+    if request.param not in chosen:
+        pytest.skip("the fused CPU extension could not be compiled here")
+    return chosen[request.param]
+
+
+def exact(dtype: torch.dtype) -> dict:
+    """bf16 results must be bit-identical to the modules; float32 within summation-order noise."""
+    return {"atol": 0, "rtol": 0} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_residual_add_match_llama_rmsnorm(ops, dtype):
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(96).to(dtype)
+    h, delta = torch.randn(7, 96).to(dtype) * 3, torch.randn(7, 96).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.rms_norm(h, norm.weight, 1e-5), norm(h), **exact(dtype))
+        stream = h.clone()
+        y = ops.add_rms_norm_(stream, delta, norm.weight, 1e-5)
+        assert torch.equal(stream, h + delta)  # the residual stream is updated in place, rounded like torch
+        torch.testing.assert_close(y, norm(h + delta), **exact(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_on_strided_views_matches_transformers(ops, dtype):
+    torch.manual_seed(1)
+    t, hq, hk, d = 5, 6, 2, 16
+    qkv = torch.randn(t, hq + 2 * hk, d).to(dtype)  # a fused projection's output, split into views
+    angles = torch.randn(t, d // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    q, k, v = qkv.clone().split([hq, hk, hk], dim=1)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)  # [T, H, d]
+    ops.rotary_(q, k, cos, sin)
+    torch.testing.assert_close(q, want_q, **exact(dtype))
+    torch.testing.assert_close(k, want_k, **exact(dtype))
+    assert torch.equal(v, qkv[:, hq + hk:])  # values untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_the_gated_mlp(ops, dtype):
+    torch.manual_seed(2)
+    gate_up = torch.randn(4, 2 * 40).to(dtype) * 4
+    gate, up = gate_up[:, :40], gate_up[:, 40:]
+    torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, **exact(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_matches_attention_over_the_gathered_context(ops, dtype):
+    torch.manual_seed(3)
+    blocks, bs, hk, group, d = 12, 4, 2, 3, 16
+    k_cache, v_cache = torch.randn(blocks, bs, hk, d).to(dtype), torch.randn(blocks, bs, hk, d).to(dtype)
+    tables = torch.tensor([[5, 2, 9, 0], [7, 0, 0, 0], [1, 3, 4, 11]])  # padded with block 0
+    lens = torch.tensor([10, 1, 16])
+    q = torch.randn(3, hk * group, d).to(dtype)
+    out = ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.3)
+    for b in range(3):  # one sequence at a time, plain softmax attention over its own positions
+        keys = gather_blocks(k_cache, tables[b:b + 1])[0, :, : lens[b]].float()  # [Hk, L, d]
+        values = gather_blocks(v_cache, tables[b:b + 1])[0, :, : lens[b]].float()
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [Hq, L, d]
+        probs = torch.softmax(q[b].float().unsqueeze(1) @ keys.transpose(1, 2) * 0.3, dim=-1)  # [Hq, 1, L]
+        tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+        torch.testing.assert_close(out[b].float(), (probs @ values).squeeze(1), **tol)
+
+
+def test_the_compiled_ops_reject_bad_shapes_with_the_reason():
+    fused = cpu_fused_ops()
+    if fused is None:
+        pytest.skip("the fused CPU extension could not be compiled here")
+    with pytest.raises(RuntimeError, match="w must be a contiguous"):
+        fused.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="gate_up must be"):
+        fused.silu_mul(torch.randn(2, 7))
+    with pytest.raises(RuntimeError, match="outside the block table"):
+        fused.paged_decode(torch.randn(1, 2, 4), torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4),
+                           torch.tensor([[1]]), torch.tensor([5]), 1.0)
+
+
+def test_layer_ops_selection_and_forcing(monkeypatch):
+    monkeypatch.delenv(ENV_FORCE, raising=False)
+    assert layer_ops("cpu", torch.float16).name == "torch"  # the compiled ops take float32 / bfloat16 only
+    best = layer_ops("cpu", torch.bfloat16).name
+    assert best == ("cpu_fused" if cpu_fused_ops() is not None else "torch")
+    monkeypatch.setenv(ENV_FORCE, "torch")
+    assert layer_ops("cpu", torch.bfloat16) is TORCH_OPS
+    monkeypatch.setenv(ENV_FORCE, "fast")
+    with pytest.raises(ValueError, match="choose 'torch' or 'cpu_fused'"):
+        layer_ops("cpu", torch.bfloat16)
