@@ -19,6 +19,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from compress.models.tiny import build_tiny_llama  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_extensions() -> None:
+    """Compile the C++ extensions once, up front (a fresh machine takes about a minute each), so no
+    test that starts a server subprocess spends its startup timeout compiling; both are cached on disk."""
+    from kernels import cpu, fused
+
+    cpu.extension()
+    fused.extension()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Path of a deterministic tiny LLaMA checkpoint (GQA, byte tokenizer)."""
