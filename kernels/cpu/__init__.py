@@ -7,10 +7,10 @@ Contract:
   and a C++ compiler: the extension ``bitmask_linear.cpp`` is compiled on first use with torch's
   extension machinery and cached under ``$SPARSE_SERVE_CACHE/torch_extensions`` (default
   ``~/.cache/sparse-serve``), so later processes load it in a fraction of a second. ``pack``
-  regroups the bitmask into one uint32 word per 32 columns and pads the values; nothing is ever
-  held dense. ``apply`` runs the decode kernel (weights expanded in registers, ``vdpbf16ps``) for
-  up to ``decode_max_rows`` activation rows, and for more rows decompresses ``tile_rows`` weight
-  rows at a time into a scratch tile and runs a dense GEMM on it (prefill).
+  regroups the bitmask into one uint32 word per 32 columns and pads the values; no weight is
+  kept dense. ``apply`` runs the decode kernel (weights expanded in registers, ``vdpbf16ps``) for
+  up to ``decode_max_rows`` activation rows, and for more rows decompresses the weight (or tiles of
+  it, within ``tile_bytes``) into a reused scratch buffer and runs a dense GEMM on it (prefill).
 * ``cpu_dense`` (priority 5; every float dtype) is the fallback on any CPU: ``pack`` decompresses
   once and prepacks the weight for oneDNN, ``apply`` runs the prepacked oneDNN linear - the fastest
   dense path on this CPU - so a machine without AVX-512 is no slower than dense (nor smaller).
@@ -107,12 +107,18 @@ def pack_avx512(weight: BitmaskTensor) -> PackedBitmask:
 
 @dataclass
 class CpuTuning:
-    """Where the AVX-512 kernel hands over to decompress + dense GEMM, measured with benchmarks/kernels.py
-    on Zen 4: decoding (in passes of 8 rows) beats the tiles up to 16 rows, and 256-row tiles are the
-    best of 32..512 for the GEMM on decompressed tiles."""
+    """Where the AVX-512 kernel hands over to decompress + dense GEMM, measured on Zen 4: decoding (in
+    passes of 8 rows) beats the GEMM up to 16 rows. Above that the weight is decompressed into a reused
+    scratch buffer of up to ``tile_bytes`` and multiplied in one GEMM: at 40 prompt rows one GEMM on
+    the whole decompressed weight ran 1.7-1.9x faster than 256-row tiles (SmolLM2's shapes, see
+    benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use it)."""
 
     decode_max_rows: int = 16
-    tile_rows: int = 256
+    tile_bytes: int = 64 * 2**20
+    tile_rows: int | None = None
+
+    def rows_per_tile(self, n: int, k: int) -> int:
+        return self.tile_rows or min(n, max(CHUNK, self.tile_bytes // (2 * k)))
 
 
 TUNING = CpuTuning()
@@ -131,6 +137,17 @@ def _scratch(rows: int, cols: int) -> Tensor:
     return torch.empty(rows, cols, dtype=torch.bfloat16)
 
 
+def _scratch_for(rows: int, cols: int) -> Tensor:
+    """A [rows, cols] view of one buffer shared by every weight (layers run one at a time), grown on demand."""
+    global _SHARED
+    if _SHARED.numel() < rows * cols:
+        _SHARED = torch.empty(rows * cols, dtype=torch.bfloat16)
+    return _SHARED[: rows * cols].view(rows, cols)
+
+
+_SHARED = torch.empty(0, dtype=torch.bfloat16)
+
+
 def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -> Tensor:
     """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, tiled decompress + GEMM for many."""
     _check_input(x, packed.shape)
@@ -138,9 +155,13 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias)
     n, k = packed.shape
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
-    scratch = _scratch(TUNING.tile_rows, k)
-    for begin in range(0, n, TUNING.tile_rows):
-        end = min(begin + TUNING.tile_rows, n)
+    rows = TUNING.rows_per_tile(n, k)
+    if rows >= n:  # the whole weight in one tile: one GEMM, no strided output
+        tile = decompress_rows(packed, 0, n, _scratch_for(n, k))  # [N, K]
+        return F.linear(x, tile, bias)
+    scratch = _scratch(rows, k)
+    for begin in range(0, n, rows):
+        end = min(begin + rows, n)
         tile = decompress_rows(packed, begin, end, scratch[: end - begin])  # [tile, K]
         torch.matmul(x, tile.T, out=y[:, begin:end]) if bias is None else \
             torch.addmm(bias[begin:end], x, tile.T, out=y[:, begin:end])
