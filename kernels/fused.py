@@ -103,8 +103,12 @@ def extension() -> ModuleType | str:
 
     from kernels.cpu import extension_dir
 
+    from kernels.cpu import cpu_flags
+
+    wide = ["-mavx512f", "-mavx512bw", "-mavx512vl"] if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else \
+        ["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_flags() else []  # plain C++ loops, vectorized by the compiler
     try:
-        return load(name="sparse_serve_fused_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        return load(name="sparse_serve_fused_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *wide],
                     extra_ldflags=["-fopenmp"], build_directory=str(extension_dir()), verbose=False)
     except Exception as err:  # a compiler error must not break serving: the reference serves
         return f"compiling {SOURCE.name} failed ({type(err).__name__}: {str(err)[-300:]})"

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -100,32 +101,65 @@ void silu_mul_rows(const T* gu, T* y, int64_t rows, int64_t inter, int64_t gu_st
   });
 }
 
-// One (sequence, KV head) pair: every query head of the group attends over ctx cached positions.
+// Widens a stored value to float: bf16 is the upper half of a float32 (a shift, which vectorizes).
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// sum(a[i] * b[i]) in float with kLanes independent partial sums, so the compiler vectorizes it (a
+// single running sum is a reduction it may not reorder).
+constexpr int64_t kLanes = 16;
+template <typename T>
+inline float dot_widen(const float* a, const T* b, int64_t n) {
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[i + l] * widen(b[i + l]);
+  float sum = 0.f;
+  for (; i < n; ++i) sum += a[i] * widen(b[i]);
+  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head handled in one pass over the keys
+
+// One (sequence, KV head) pair: the group's query heads attend over ctx cached positions, each key
+// and value row read once for the whole group. qf: [group, d] float scratch, scores: [group, ctx],
+// acc: [group, d].
 template <typename T>
 void decode_group(const T* q, int64_t q_head_stride, int64_t group, const T* k_cache, const T* v_cache,
                   const int64_t* table, int64_t ctx, int64_t bs, int64_t kv_heads, int64_t kv_head, int64_t d,
-                  float scale, float* scores, float* acc, T* out, int64_t out_head_stride) {
-  for (int64_t g = 0; g < group; ++g) {
-    const T* qh = q + g * q_head_stride;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < ctx; ++j) {
-      const T* kj = k_cache + ((table[j / bs] * bs + j % bs) * kv_heads + kv_head) * d;
-      float dot = 0.f;
-      for (int64_t i = 0; i < d; ++i) dot += static_cast<float>(qh[i]) * static_cast<float>(kj[i]);
-      scores[j] = dot * scale;
-      mx = std::max(mx, scores[j]);
+                  float scale, float* qf, float* scores, float* acc, T* out, int64_t out_head_stride) {
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = widen(q[g * q_head_stride + i]) * scale;
+  float mx[kMaxGroup], total[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) mx[g] = -INFINITY, total[g] = 0.f;
+  for (int64_t j = 0; j < ctx; ++j) {
+    const T* kj = k_cache + ((table[j / bs] * bs + j % bs) * kv_heads + kv_head) * d;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf + g * d;
+      const float dot = dot_widen(qg, kj, d);
+      scores[g * ctx + j] = dot;
+      mx[g] = std::max(mx[g], dot);
     }
-    float total = 0.f;
-    for (int64_t j = 0; j < ctx; ++j) total += (scores[j] = std::exp(scores[j] - mx));
-    for (int64_t i = 0; i < d; ++i) acc[i] = 0.f;
-    for (int64_t j = 0; j < ctx; ++j) {
-      const T* vj = v_cache + ((table[j / bs] * bs + j % bs) * kv_heads + kv_head) * d;
-      const float p = scores[j];
-      for (int64_t i = 0; i < d; ++i) acc[i] += p * static_cast<float>(vj[i]);
-    }
-    T* oh = out + g * out_head_stride;
-    for (int64_t i = 0; i < d; ++i) oh[i] = static_cast<T>(acc[i] / total);
   }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t j = 0; j < ctx; ++j) total[g] += (scores[g * ctx + j] = std::exp(scores[g * ctx + j] - mx[g]));
+  std::fill(acc, acc + group * d, 0.f);
+  for (int64_t j = 0; j < ctx; ++j) {
+    const T* vj = v_cache + ((table[j / bs] * bs + j % bs) * kv_heads + kv_head) * d;
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * ctx + j];
+      float* ag = acc + g * d;
+      for (int64_t i = 0; i < d; ++i) ag[i] += p * widen(vj[i]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < d; ++i) out[g * out_head_stride + i] = static_cast<T>(acc[g * d + i] / total[g]);
 }
 
 }  // namespace
@@ -208,6 +242,7 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t batch = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t bs = k_cache.size(1), hk = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == d && hq % hk == 0, "q heads must be a multiple of the cache's KV heads, same d");
+  TORCH_CHECK(hq / hk <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head, got ", hq / hk);
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "q and the caches must share one dtype");
   const int64_t* lp = lens.data_ptr<int64_t>();
@@ -227,12 +262,12 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* tp = tables.data_ptr<int64_t>();
     at::parallel_for(0, batch * hk, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(longest), acc(d);
+      std::vector<float> qf(group * d), scores(group * longest), acc(group * d);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / hk, kv = task % hk;
         decode_group(qp + b * q.stride(0) + kv * group * q.stride(1), q.stride(1), group, kp, vp,
-                     tp + b * tables.size(1), lp[b], bs, hk, kv, d, static_cast<float>(scale), scores.data(),
-                     acc.data(), op + (b * hq + kv * group) * d, d);
+                     tp + b * tables.size(1), lp[b], bs, hk, kv, d, static_cast<float>(scale), qf.data(),
+                     scores.data(), acc.data(), op + (b * hq + kv * group) * d, d);
       }
     });
   });
