@@ -12,9 +12,10 @@ sparse-serve checkpoint under --work; each finished row is appended to --rows (J
 interrupted run continues where it stopped.
 
 Speed (--speed, a separate phase): greedy decode tokens/s at batch 1 of every checkpoint through
-sparse-serve's engine and through transformers' generate, in interleaved rounds (every round
-measures dense and all pruned models in turn, so machine noise hits all alike); speedups are medians
-of the per-round ratios to dense.
+sparse-serve's engine and through transformers' generate. Every measurement of a pruned model is
+paired with one of dense taken right before or after it (the order alternates by round), so the
+machine's slow drifts hit both alike; speedups are medians of the paired ratios over --rounds, with
+their interquartile range in the JSON.
 
     python benchmarks/quality_structured.py                 # all quality rows
     python benchmarks/quality_structured.py --speed         # decode speed of the saved checkpoints
@@ -162,22 +163,33 @@ def measure_speed(rows: list[str], base: Path, args) -> dict[str, dict]:
     text = tok.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}],
                                    add_generation_prompt=True, tokenize=False)
     prompt = tok(text, add_special_tokens=False)["input_ids"]
+    measure = {"engine": lambda row, n: engine_decode_rate(serving[row], prompt, n),
+               "hf": lambda row, n: hf_decode_rate(plain[row], prompt, n)}
     rates: dict[str, dict[str, list[float]]] = {row: {"engine": [], "hf": []} for row in paths}
+    ratios: dict[str, dict[str, list[float]]] = {row: {"engine": [], "hf": []} for row in paths}
     for row in paths:  # warm-up
-        engine_decode_rate(serving[row], prompt, 8)
-        hf_decode_rate(plain[row], prompt, 8)
+        for fn in measure.values():
+            fn(row, 8)
     for rnd in range(args.rounds):
         for row in paths:
-            rates[row]["engine"].append(engine_decode_rate(serving[row], prompt, args.decode_tokens))
-            rates[row]["hf"].append(hf_decode_rate(plain[row], prompt, args.decode_tokens))
-        print(f"speed round {rnd + 1}/{args.rounds}: " + ", ".join(
-            f"{row} {rates[row]['engine'][-1]:.1f}" for row in paths), flush=True)
+            if row == "dense":
+                continue
+            for kind, fn in measure.items():  # dense and the row back to back, order alternating by round
+                order = ("dense", row) if rnd % 2 == 0 else (row, "dense")
+                pair = {r: fn(r, args.decode_tokens) for r in order}
+                rates[row][kind].append(pair[row])
+                rates["dense"][kind].append(pair["dense"])
+                ratios[row][kind].append(pair[row] / pair["dense"])
+        print(f"speed round {rnd + 1}/{args.rounds}: engine speedup " + ", ".join(
+            f"{row} {ratios[row]['engine'][-1]:.2f}x" for row in paths if row != "dense"), flush=True)
     out = {}
     for row, r in rates.items():
         out[row] = {f"{kind}_tok_s": statistics.median(v) for kind, v in r.items()}
         for kind in ("engine", "hf"):
-            ratios = [a / b for a, b in zip(r[kind], rates["dense"][kind])]
-            out[row][f"{kind}_speedup"] = statistics.median(ratios)
+            out[row][f"{kind}_speedup"] = statistics.median(ratios[row][kind]) if row != "dense" else 1.0
+            if row != "dense":
+                q = statistics.quantiles(ratios[row][kind], n=4) if len(ratios[row][kind]) > 1 else [out[row][f"{kind}_speedup"]] * 3
+                out[row][f"{kind}_speedup_iqr"] = [q[0], q[2]]
         out[row].update(rounds=args.rounds, decode_tokens=args.decode_tokens, prompt_tokens=len(prompt))
     return out
 
