@@ -99,19 +99,11 @@ TORCH_OPS = LayerOps("torch", torch_rms_norm, torch_add_rms_norm_, torch_rotary_
 @functools.cache
 def extension() -> ModuleType | str:
     """The compiled extension, or why it cannot be had (built once, then cached on disk)."""
-    from torch.utils.cpp_extension import load
-
-    from kernels.cpu import extension_dir
-
-    from kernels.cpu import cpu_flags
+    from kernels.cpu import build_extension, cpu_flags
 
     wide = ["-mavx512f", "-mavx512bw", "-mavx512vl"] if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else \
         ["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_flags() else []  # plain C++ loops, vectorized by the compiler
-    try:
-        return load(name="sparse_serve_fused_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *wide],
-                    extra_ldflags=["-fopenmp"], build_directory=str(extension_dir()), verbose=False)
-    except Exception as err:  # a compiler error must not break serving: the reference serves
-        return f"compiling {SOURCE.name} failed ({type(err).__name__}: {str(err)[-300:]})"
+    return build_extension("sparse_serve_fused_cpu", SOURCE, ["-O3", "-fopenmp", *wide])
 
 
 @functools.cache

@@ -61,18 +61,24 @@ def extension_dir() -> Path:
     return path
 
 
+def build_extension(name: str, source: Path, cflags: list[str]) -> ModuleType | str:
+    """Compile ``source`` once (cached under :func:`extension_dir`), or say why it failed: a compiler
+    error must not break loading, the fallbacks serve."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                    build_directory=str(extension_dir()), verbose=False)
+    except Exception as err:  # noqa: BLE001 - reported as the reason, the caller falls back
+        return f"compiling {source.name} failed ({type(err).__name__}: {str(err)[-300:]})"
+
+
 @functools.cache
 def extension() -> ModuleType | str:
     """The compiled extension, or the reason it cannot be had (built once, then cached on disk)."""
     if missing_flags():
         return f"this CPU lacks {missing_flags()}"
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(name="sparse_serve_bitmask_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(extension_dir()), verbose=False)
-    except Exception as err:  # a compiler error must not break loading: the fallback serves
-        return f"compiling {SOURCE.name} failed ({type(err).__name__}: {str(err)[-300:]})"
+    return build_extension("sparse_serve_bitmask_cpu", SOURCE, CFLAGS)
 
 
 def avx512_available() -> bool:
@@ -131,12 +137,6 @@ def decompress_rows(packed: PackedBitmask, begin: int, end: int, out: Tensor | N
     return out
 
 
-@functools.cache
-def _scratch(rows: int, cols: int) -> Tensor:
-    """A reused tile buffer [rows, cols] bf16 (a fresh large tensor would page-fault on every call)."""
-    return torch.empty(rows, cols, dtype=torch.bfloat16)
-
-
 def _scratch_for(rows: int, cols: int) -> Tensor:
     """A [rows, cols] view of one buffer shared by every weight (layers run one at a time), grown on demand."""
     global _SHARED
@@ -159,7 +159,7 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
     if rows >= n:  # the whole weight in one tile: one GEMM, no strided output
         tile = decompress_rows(packed, 0, n, _scratch_for(n, k))  # [N, K]
         return F.linear(x, tile, bias)
-    scratch = _scratch(rows, k)
+    scratch = _scratch_for(rows, k)
     for begin in range(0, n, rows):
         end = min(begin + rows, n)
         tile = decompress_rows(packed, begin, end, scratch[: end - begin])  # [tile, K]
