@@ -8,8 +8,10 @@
 //
 // Decode (few activation rows): each 32-column chunk of a weight row is one 64-byte load of packed
 // values, expanded in a register by the chunk's mask (vpexpandw, AVX512-VBMI2), then multiplied with
-// every activation row by vdpbf16ps (AVX512-BF16, float32 accumulation). Several weight rows are in
-// flight at once so the popcount -> pointer chains of different rows overlap.
+// every activation row by vdpbf16ps (AVX512-BF16, float32 accumulation). While the activations fit in
+// L1, weight rows are taken one at a time so the compressed weight is one sequential stream; larger
+// activations keep several weight rows in flight and share each activation load between them. Sums
+// are rounded to bf16 (bias added) in the same parallel task, so a call is one pass.
 // Decompress: the same expand, stored to a dense [rows, K] bf16 tile (the prefill path runs a dense
 // GEMM on such tiles).
 #include <torch/extension.h>
@@ -76,6 +78,8 @@ constexpr int rows_in_flight() {
   return MB <= 4 ? 4 : 2;
 }
 
+// Several weight rows in flight, each activation chunk loaded once for all of them: for activations too
+// large to stay in L1 (see kStreamMaxActBytes).
 template <int MB>
 void gemv_rows(const uint32_t* masks, const bf16* values, const int64_t* row_offsets, const bf16* x,
                int64_t x_stride, int64_t kc, int64_t begin, int64_t end, float* out, int64_t n_out) {
@@ -93,6 +97,50 @@ void gemv_rows(const uint32_t* masks, const bf16* values, const int64_t* row_off
   }
 }
 
+// One weight row at a time, so the packed values and masks are read as one sequential stream that the
+// hardware prefetcher follows (several rows in flight are several short streams, which it does not:
+// this loop is 1.2-1.8x faster while the activations stay in L1). U accumulators per activation row
+// rotate over the chunks so the vdpbf16ps latency chain does not bound a lone row.
+template <int MB>
+void stream_rows(const uint32_t* masks, const bf16* values, const int64_t* row_offsets, const bf16* x,
+                 int64_t x_stride, int64_t kc, int64_t begin, int64_t end, float* out, int64_t n_out) {
+  constexpr int U = MB == 1 ? 2 : 1;
+  for (int64_t n = begin; n < end; ++n) {
+    const bf16* ptr = values + row_offsets[n];
+    const uint32_t* mrow = masks + n * kc;
+    __m512 acc[U][MB];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MB; ++m) acc[u][m] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + U <= kc; c += U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const uint32_t mask = mrow[c + u];
+        _mm_prefetch(reinterpret_cast<const char*>(ptr) + kPrefetchBytes, _MM_HINT_T0);
+        const __m512i w = expand_chunk(ptr, mask);
+        ptr += _mm_popcnt_u32(mask);
+#pragma GCC unroll 16
+        for (int m = 0; m < MB; ++m) {
+          const __m512i xv = _mm512_loadu_si512(static_cast<const void*>(x + m * x_stride + (c + u) * kChunk));
+          acc[u][m] = _mm512_dpbf16_ps(acc[u][m], (__m512bh)w, (__m512bh)xv);
+        }
+      }
+    }
+    for (; c < kc; ++c) {  // at most U - 1 chunks
+      const __m512i w = expand_chunk(ptr, mrow[c]);
+      ptr += _mm_popcnt_u32(mrow[c]);
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xv = _mm512_loadu_si512(static_cast<const void*>(x + m * x_stride + c * kChunk));
+        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], (__m512bh)w, (__m512bh)xv);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      for (int u = 1; u < U; ++u) acc[0][m] = _mm512_add_ps(acc[0][m], acc[u][m]);
+      out[m * n_out + n] = _mm512_reduce_add_ps(acc[0][m]);
+    }
+  }
+}
+
 using RowsFn = void (*)(const uint32_t*, const bf16*, const int64_t*, const bf16*, int64_t, int64_t, int64_t,
                         int64_t, float*, int64_t);
 
@@ -102,6 +150,19 @@ constexpr int64_t kMaxBlock = 8;
 constexpr RowsFn kRows[kMaxBlock] = {
     gemv_rows<1>, gemv_rows<2>, gemv_rows<3>, gemv_rows<4>, gemv_rows<5>, gemv_rows<6>, gemv_rows<7>, gemv_rows<8>,
 };
+constexpr RowsFn kStream[kMaxBlock] = {
+    stream_rows<1>, stream_rows<2>, stream_rows<3>, stream_rows<4>,
+    stream_rows<5>, stream_rows<6>, stream_rows<7>, stream_rows<8>,
+};
+// A pass streams one weight row at a time while its activation rows fit this budget (they are re-read
+// for every weight row; measured on Zen 4's 32 KiB L1: 1.25x faster at 4 x 1536 columns, 0.7-0.9x at
+// 2-8 x 4096), and one row always.
+constexpr int64_t kStreamMaxActBytes = 12 * 1024;
+
+RowsFn rows_fn(int64_t mb, int64_t k) {
+  const bool stream = mb == 1 || mb * k * static_cast<int64_t>(sizeof(bf16)) <= kStreamMaxActBytes;
+  return (stream ? kStream : kRows)[mb - 1];
+}
 
 void check_packed(const torch::Tensor& masks, const torch::Tensor& values, const torch::Tensor& row_offsets,
                   int64_t k) {
@@ -130,23 +191,33 @@ torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& m
     xp = torch::zeros({m_rows, kc * kChunk}, x.options());
     xp.narrow(1, 0, k).copy_(x);
   }
-  auto acc = torch::empty({m_rows, n}, x.options().dtype(torch::kFloat32));
+  const float* bias_p = nullptr;
+  torch::Tensor bias_f32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias must be [N]");
+    bias_f32 = bias->to(torch::kFloat32).contiguous();
+    bias_p = bias_f32.data_ptr<float>();
+  }
+  auto acc = torch::empty({m_rows, n}, x.options().dtype(torch::kFloat32));  // float32 sums
+  auto y = torch::empty({m_rows, n}, x.options());
   const auto* mp = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
   const auto* vp = reinterpret_cast<const bf16*>(values.data_ptr<at::BFloat16>());
   const auto* op = row_offsets.data_ptr<int64_t>();
   const auto* xbase = reinterpret_cast<const bf16*>(xp.data_ptr<at::BFloat16>());
   float* out = acc.data_ptr<float>();
+  auto* yp = y.data_ptr<at::BFloat16>();
   const int64_t x_stride = xp.size(1);
-  for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxBlock) {
-    const int64_t mb = std::min<int64_t>(kMaxBlock, m_rows - m0);
-    const bf16* xm = xbase + m0 * x_stride;
-    float* om = out + m0 * n;
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      kRows[mb - 1](mp, vp, op, xm, x_stride, kc, begin, end, om, n);
-    });
-  }
-  if (bias.has_value()) acc.add_(bias->to(torch::kFloat32));
-  return acc.to(torch::kBFloat16);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxBlock) {
+      const int64_t mb = std::min<int64_t>(kMaxBlock, m_rows - m0);
+      rows_fn(mb, x_stride)(mp, vp, op, xbase + m0 * x_stride, x_stride, kc, begin, end, out + m0 * n, n);
+    }
+    // y = bf16(sum + bias) for this task's columns: one rounding, as the reference's float32 matmul + add
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t j = begin; j < end; ++j)
+        yp[m * n + j] = static_cast<at::BFloat16>(out[m * n + j] + (bias_p != nullptr ? bias_p[j] : 0.f));
+  });
+  return y;
 }
 
 // Rows [begin, end) of the packed weight written densely into out, bf16 [end - begin, K] (contiguous).

@@ -22,6 +22,10 @@
 
 #include <algorithm>
 #include <cmath>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#include <sleef.h>  // torch's own vector exp (libtorch_cpu exports it): the SiLU rounds exactly like F.silu
+#endif
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -86,16 +90,37 @@ void rotary_heads(T* base, int64_t rows, int64_t heads, int64_t row_stride, int6
   }
 }
 
+// exp in place of v[0, n): torch's vectorized exp (Sleef, 1 ulp; libtorch_cpu exports it) on 16-lane chunks
+// of v[0, vec_end) where AVX-512 is compiled in, std::exp on the rest. vec_end = n vectorizes all it can;
+// the SiLU passes the split torch's own elementwise loop makes (32-element steps, scalar tail), so it
+// rounds exactly like F.silu.
+constexpr int64_t kExpLanes = 16;
+inline void exp_inplace(float* v, int64_t n, int64_t vec_end) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + kExpLanes <= std::min(n, vec_end); i += kExpLanes)
+    _mm512_storeu_ps(v + i, Sleef_expf16_u10(_mm512_loadu_ps(v + i)));
+#endif
+  for (; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+constexpr int64_t kSiluBlock = 256;  // gate values per exp call (a multiple of torch's 32-element step)
+
 template <typename T>
 void silu_mul_rows(const T* gu, T* y, int64_t rows, int64_t inter, int64_t gu_stride) {
+  const int64_t torch_vec_end = inter / 32 * 32;
   at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+    float x[kSiluBlock], e[kSiluBlock];
     for (int64_t t = begin; t < end; ++t) {
       const T* g = gu + t * gu_stride;
       const T* u = g + inter;
       T* out = y + t * inter;
-      for (int64_t i = 0; i < inter; ++i) {
-        float x = static_cast<float>(g[i]);
-        out[i] = static_cast<T>(rnd<T>(x / (1.f + std::exp(-x))) * static_cast<float>(u[i]));
+      for (int64_t i0 = 0; i0 < inter; i0 += kSiluBlock) {
+        const int64_t n = std::min(kSiluBlock, inter - i0);
+        for (int64_t i = 0; i < n; ++i) e[i] = -(x[i] = static_cast<float>(g[i0 + i]));
+        exp_inplace(e, n, torch_vec_end - i0);
+        for (int64_t i = 0; i < n; ++i)
+          out[i0 + i] = static_cast<T>(rnd<T>(x[i] / (1.f + e[i])) * static_cast<float>(u[i0 + i]));
       }
     }
   });
@@ -147,8 +172,12 @@ void decode_group(const T* q, int64_t q_head_stride, int64_t group, const T* k_c
       mx[g] = std::max(mx[g], dot);
     }
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t j = 0; j < ctx; ++j) total[g] += (scores[g * ctx + j] = std::exp(scores[g * ctx + j] - mx[g]));
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * ctx;
+    for (int64_t j = 0; j < ctx; ++j) sg[j] -= mx[g];
+    exp_inplace(sg, ctx, ctx);
+    for (int64_t j = 0; j < ctx; ++j) total[g] += sg[j];
+  }
   std::fill(acc, acc + group * d, 0.f);
   for (int64_t j = 0; j < ctx; ++j) {
     const T* vj = v_cache + ((table[j / bs] * bs + j % bs) * kv_heads + kv_head) * d;

@@ -61,10 +61,11 @@ def test_rotary_in_place_on_strided_views_matches_transformers(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_matches_the_gated_mlp(ops, dtype):
+@pytest.mark.parametrize("inter", [7, 40, 56, 300, 1536])  # scalar only, vector + tail, past one exp block
+def test_silu_mul_matches_the_gated_mlp(ops, dtype, inter):
     torch.manual_seed(2)
-    gate_up = torch.randn(4, 2 * 40).to(dtype) * 4
-    gate, up = gate_up[:, :40], gate_up[:, 40:]
+    gate_up = torch.randn(33, 2 * inter).to(dtype) * 4
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
     torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, **exact(dtype))
 
 

@@ -72,6 +72,18 @@ def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
 
 
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13])
+@pytest.mark.parametrize("k", [72, 1000])  # activations that fit the streaming loop's L1 budget, and wider
+def test_avx512_decode_loops(m, k):
+    """The one-row streaming loop and the rows-in-flight loop of the decode kernel (chosen by M x K)."""
+    kernel = kernel_or_skip("cpu_avx512")
+    w = sparse_weight(21, k, 0.6, seed=k + m)
+    x = torch.randn(m, k).bfloat16()
+    bias = torch.randn(21).bfloat16()
+    bitmask = compress(w)
+    assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
+
+
 def test_bitmask_words_follow_the_bitmask():
     w = sparse_weight(5, 70, 0.6)
     bitmask = compress(w)
