@@ -67,17 +67,18 @@ def sparsify_linears(model: nn.Module, sparse_weights: dict[str, BitmaskTensor],
 
 
 class PrepackedLinear(nn.Module):
-    """A dense linear whose weight is prepacked once for oneDNN - the fastest dense CPU path here.
+    """A dense linear whose weight is prepacked once for oneDNN, and (``decode_rows``) kept row-major for
+    the AVX-512 one-row GEMV, which decode steps at batch 1 use (see :func:`kernels.cpu.dense_linear`).
 
     ``F.linear`` re-lays-out the weight and adds ~40 us per call; SmolLM2 runs 210 linears per token.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, decode_rows: bool = True):
         super().__init__()
         from kernels.cpu import prepack_dense
 
         self.out_features, self.in_features = linear.out_features, linear.in_features
-        self.packed = prepack_dense(linear.weight.detach())
+        self.packed = prepack_dense(linear.weight.detach(), decode_rows)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:  # x [..., K] -> [..., N]
@@ -88,15 +89,16 @@ class PrepackedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, prepacked={self.packed.prepacked}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, prepacked={self.packed.prepacked}, "
+                f"gemv={self.packed.rows is not None}")
 
 
-def prepack_linears(model: nn.Module) -> list[str]:
+def prepack_linears(model: nn.Module, decode_rows: bool = True) -> list[str]:
     """Replace every plain CPU ``nn.Linear`` of ``model`` by a :class:`PrepackedLinear`; their names."""
     replaced = []
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module.weight.device.type == "cpu":
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, PrepackedLinear(module))
+            setattr(model.get_submodule(parent_name), child, PrepackedLinear(module, decode_rows))
             replaced.append(name)
     return replaced

@@ -60,7 +60,8 @@ def answer_once(model_cfg: ModelConfig, engine_cfg: EngineConfig, prompt: str, m
 
     dtype = getattr(torch, model_cfg.dtype)
     loaded = load_for_serving(resolve_model(model_cfg.model), dtype=dtype, dense=model_cfg.dense,
-                              kernel=model_cfg.kernel)
+                              kernel=model_cfg.kernel,
+                              dense_gemv=model_cfg.dense_gemv)
     tok = loaded.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]

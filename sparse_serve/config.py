@@ -28,6 +28,8 @@ class ModelConfig(_Strict):
     max_model_len: int | None = Field(None, ge=16, description="context length; None: the model's, at most 8192")
     dense: bool = Field(False, description="decompress sparse weights and serve dense (the baseline)")
     kernel: str | None = Field(None, description="force a sparse kernel (cpu_avx512, cpu_dense, reference)")
+    dense_gemv: bool = Field(True, description="also keep dense weights row-major for the AVX-512 one-row GEMV "
+                                               "(1.2-2.5x oneDNN at decode; one more copy of each untied dense weight)")
     variant: str | None = Field(None, description="metrics label 'variant'; None: dense, sparse or pruned, from the model")
     threads: int | None = Field(None, ge=1, description="torch threads; None: the CPUs this process may run on "
                                                         "(two 2-thread servers sharing 2 cores slow each other 10x)")

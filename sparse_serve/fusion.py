@@ -36,7 +36,8 @@ class SlicedLinear(nn.Module):
 
 
 def fuse_linears(model: nn.Module, groups: dict[str, tuple[str, ...]], sparse_weights: dict[str, BitmaskTensor],
-                 dtype: torch.dtype, kernel: str | None = None, prepack: bool = True) -> list[str]:
+                 dtype: torch.dtype, kernel: str | None = None, prepack: bool = True,
+                 dense_gemv: bool = True) -> list[str]:
     """Fuse each group of every decoder layer (see the module docstring); the fused modules' names.
 
     Fused sparse members are removed from ``sparse_weights``.
@@ -46,7 +47,7 @@ def fuse_linears(model: nn.Module, groups: dict[str, tuple[str, ...]], sparse_we
     for i, layer in enumerate(adapter.layers()):
         prefix = adapter.layer_prefix(i)
         for fused_name, members in groups.items():
-            module = _fuse_group(layer, prefix, members, sparse_weights, dtype, kernel, prepack)
+            module = _fuse_group(layer, prefix, members, sparse_weights, dtype, kernel, prepack, dense_gemv)
             if module is not None:
                 _install(layer, fused_name, members, module)
                 fused_names.append(f"{prefix}.{fused_name}")
@@ -54,7 +55,7 @@ def fuse_linears(model: nn.Module, groups: dict[str, tuple[str, ...]], sparse_we
 
 
 def _fuse_group(layer: nn.Module, prefix: str, members: tuple[str, ...], sparse: dict[str, BitmaskTensor],
-                dtype: torch.dtype, kernel: str | None, prepack: bool) -> nn.Module | None:
+                dtype: torch.dtype, kernel: str | None, prepack: bool, dense_gemv: bool) -> nn.Module | None:
     keys = [f"{prefix}.{m}.weight" for m in members]
     linears = [layer.get_submodule(m) for m in members]
     biases = [None if lin.bias is None or lin.bias.device.type == "meta" else lin.bias.detach() for lin in linears]
@@ -71,7 +72,7 @@ def _fuse_group(layer: nn.Module, prefix: str, members: tuple[str, ...], sparse:
     fused.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
     if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)
-    return PrepackedLinear(fused) if prepack and fused.weight.device.type == "cpu" else fused
+    return PrepackedLinear(fused, dense_gemv) if prepack and fused.weight.device.type == "cpu" else fused
 
 
 def _install(layer: nn.Module, fused_name: str, members: tuple[str, ...], module: nn.Module) -> None:

@@ -5,7 +5,9 @@ structurally pruned; built on the meta device, weights assigned without a dense 
 layers). Every decoder linear stored as sparse-bitmask - or stored dense with at least
 ``compress_threshold`` zeros - is kept compressed and replaced by a :class:`kernels.linear.SparseLinear`
 running the kernel the registry selects for the device and dtype (``kernel`` forces one). With
-``prepack`` every remaining dense CPU linear (lm_head included) is prepacked for oneDNN. With ``fuse``
+``prepack`` every remaining dense CPU linear (lm_head included) is prepacked for oneDNN and, with
+``dense_gemv``, also kept row-major for the AVX-512 one-row GEMV that decode steps at batch 1 use (an
+LM head tied to the embedding shares its storage; other dense weights are held twice). With ``fuse``
 q/k/v and gate/up become one linear each (:mod:`sparse_serve.fusion`; the originals are views of it).
 ``dense=True`` decompresses everything instead (the baseline the speedups are measured against).
 ``ServingModel.facts`` describes the compression for ``/v1/models`` and the metrics.
@@ -42,16 +44,16 @@ class ServingModel:
 
 def load_for_serving(path: str | Path, dtype: torch.dtype = torch.bfloat16, dense: bool = False,
                      compress_threshold: float = 0.3, kernel: str | None = None,
-                     prepack: bool = True, fuse: bool = True) -> ServingModel:
+                     prepack: bool = True, fuse: bool = True, dense_gemv: bool = True) -> ServingModel:
     """The model at ``path`` with its sparse linears on the sparse kernels (see the module docstring)."""
     loaded = load_checkpoint(path, dtype=dtype, decompress=dense,
                              compress_threshold=None if dense else compress_threshold)
     fused = fuse_linears(loaded.model, paged_class(loaded.model).FUSED, loaded.sparse_weights, dtype, kernel,
-                         prepack) if fuse else []
+                         prepack, dense_gemv) if fuse else []
     replaced = [] if dense else sparsify_linears(loaded.model, loaded.sparse_weights, dtype=dtype, force=kernel)
     replaced += [name for name in fused if isinstance(loaded.model.get_submodule(name), SparseLinear)]
     if prepack:
-        prepack_linears(loaded.model)
+        prepack_linears(loaded.model, decode_rows=dense_gemv)
     facts = compression_facts(loaded, replaced)
     return ServingModel(loaded.model.eval(), loaded.tokenizer, replaced, facts)
 

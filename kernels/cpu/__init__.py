@@ -120,6 +120,7 @@ class CpuTuning:
     benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use it)."""
 
     decode_max_rows: int = 16
+    dense_decode_max_rows: int = 1
     tile_bytes: int = 64 * 2**20
     tile_rows: int | None = None
 
@@ -184,23 +185,31 @@ register(Kernel(
 # -- the portable fallback: prepacked oneDNN dense -------------------------------------------------
 @dataclass(frozen=True)
 class PrepackedDense:
-    """A dense weight prepacked for oneDNN (or plain, where oneDNN cannot take the dtype)."""
+    """A dense weight prepacked for oneDNN (or plain, where oneDNN cannot take the dtype), and the plain
+    row-major bf16 weight for the AVX-512 decode GEMV where that runs (``rows``)."""
 
     weight: Tensor  # [N, K], opaque when prepacked
     prepacked: bool
     shape: tuple[int, int]
+    rows: Tensor | None = None  # [N, K] bf16 contiguous: decode steps read it with dense_gemm_decode
 
 
-def prepack_dense(weight: Tensor) -> PrepackedDense:
-    """Prepack a dense [N, K] weight for ``torch.ops.mkldnn._linear_pointwise`` when oneDNN can."""
+def prepack_dense(weight: Tensor, decode_rows: bool = True) -> PrepackedDense:
+    """Prepack a dense [N, K] weight for ``torch.ops.mkldnn._linear_pointwise`` when oneDNN can; with
+    ``decode_rows`` also keep it row-major for the AVX-512 decode GEMV (bf16 on AVX-512 CPUs: no copy
+    when ``weight`` is already contiguous, e.g. an LM head tied to the embedding, else one more copy
+    of the weight in memory)."""
+    shape = (weight.shape[0], weight.shape[1])
+    rows = weight.contiguous() if decode_rows and weight.dtype == torch.bfloat16 and avx512_available() else None
     if torch.backends.mkldnn.is_available() and weight.dtype in (torch.bfloat16, torch.float32):
-        return PrepackedDense(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), True,
-                              (weight.shape[0], weight.shape[1]))
-    return PrepackedDense(weight, False, (weight.shape[0], weight.shape[1]))
+        return PrepackedDense(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), True, shape, rows)
+    return PrepackedDense(weight, False, shape, rows)
 
 
 def dense_linear(x: Tensor, packed: PrepackedDense, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] -> y [M, N] through the fastest dense path."""
+    """x [M, K] -> y [M, N] through the fastest dense path: the decode GEMV for few rows, else oneDNN."""
+    if packed.rows is not None and x.shape[0] <= TUNING.dense_decode_max_rows and x.dtype == torch.bfloat16:
+        return extension().dense_gemm_decode(x, packed.rows, bias)
     if packed.prepacked:
         return torch.ops.mkldnn._linear_pointwise(x, packed.weight, bias, "none", [], "")
     return F.linear(x, packed.weight, bias)

@@ -45,41 +45,54 @@ class PagedLlama:
         # per layer: the norm before attention, the one before the MLP; then the final norm
         self.norms = [_norm_fn(m, self.ops) for layer in self.layers
                       for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [_norm_fn(self.norm, self.ops)]
+        # modules resolved once: a decode step of a small model makes ~10 calls per layer, and attribute
+        # lookups plus nn.Module.__call__ on each cost about as much as the fused ops themselves
+        self.attention = [_Attention(layer.self_attn, self.ops) for layer in self.layers]
+        self.mlps = [_mlp_fn(layer.mlp, self.ops) for layer in self.layers]
 
     def kv_shapes(self) -> list[tuple[int, int]]:
         """(kv_heads, head_dim) of every layer."""
-        return [(_out_features(layer.self_attn.k_proj) // layer.self_attn.head_dim, layer.self_attn.head_dim)
-                for layer in self.layers]
+        return [(attn.kv_heads, attn.head_dim) for attn in self.attention]
 
     def forward(self, ids: Tensor, positions: Tensor, meta: AttentionMetadata, caches: KVCache,
                 logits_rows: Tensor) -> Tensor:
         h = self.embed(ids)  # [T, D]: the residual stream, updated in place
         cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))  # [1, T, head_dim]
         cos, sin = cos[0], sin[0]
-        x = self.norms[0](h, None)
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, caches)):
-            x = self.norms[2 * i + 1](h, self._attention(layer.self_attn, x, cos, sin, k_cache, v_cache, meta))
-            x = self.norms[2 * i + 2](h, _mlp(layer.mlp, x, self.ops))  # the next layer's input (or the final norm)
+        norms = self.norms
+        x = norms[0](h, None)
+        for i, (attention, mlp, (k_cache, v_cache)) in enumerate(zip(self.attention, self.mlps, caches)):
+            x = norms[2 * i + 1](h, attention(x, cos, sin, k_cache, v_cache, meta))
+            x = norms[2 * i + 2](h, mlp(x))  # the next layer's input (or the final norm)
         if logits_rows.numel() != x.shape[0]:  # decode-only steps need every row
             x = x[logits_rows]
         return self.lm_head(x).float()  # [S, V]
 
-    def _attention(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   meta: AttentionMetadata) -> Tensor:
-        t, d = x.shape[0], attn.head_dim
+
+class _Attention:
+    """Self-attention of one layer over the paged cache, its projections' forwards bound once."""
+
+    def __init__(self, attn: nn.Module, ops: LayerOps):
+        self.head_dim, self.scaling, self.ops = attn.head_dim, attn.scaling, ops
+        self.q_heads = _out_features(attn.q_proj) // self.head_dim
+        self.kv_heads = _out_features(attn.k_proj) // self.head_dim
         qkv = getattr(attn, "qkv_proj", None)
-        if qkv is not None:  # one fused linear, then the heads split: [T, Hq + 2 Hkv, d]
-            heads = qkv(x).view(t, -1, d)
-            hq, hkv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
-            q, k, v = heads.split([hq, hkv, hkv], dim=1)
+        self.qkv = qkv.forward if qkv is not None else None  # one fused linear: [T, (Hq + 2 Hkv) d]
+        self.q, self.k, self.v = attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward
+        self.o = attn.o_proj.forward
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                 meta: AttentionMetadata) -> Tensor:
+        t, d = x.shape[0], self.head_dim
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).view(t, -1, d).split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
         else:
-            q = attn.q_proj(x).view(t, -1, d)  # [T, Hq, d]
-            k = attn.k_proj(x).view(t, -1, d)  # [T, Hkv, d]
-            v = attn.v_proj(x).view(t, -1, d)
+            q, k, v = self.q(x).view(t, -1, d), self.k(x).view(t, -1, d), self.v(x).view(t, -1, d)
+        # q [T, Hq, d]; k, v [T, Hkv, d]
         self.ops.rotary_(q, k, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slots)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, attn.scaling, self.ops.paged_decode)  # [T, Hq, d]
-        return attn.o_proj(out.reshape(t, -1))
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scaling, self.ops.paged_decode)  # [T, Hq, d]
+        return self.o(out.reshape(t, -1))
 
 
 Norm = Callable[[Tensor, "Tensor | None"], Tensor]  # (h, delta): h += delta in place (if given), then norm(h)
@@ -101,15 +114,20 @@ def _norm_fn(norm: nn.Module, ops: LayerOps) -> Norm:
     return plain
 
 
-def _mlp(mlp: nn.Module, x: Tensor, ops: LayerOps) -> Tensor:
+def _mlp_fn(mlp: nn.Module, ops: LayerOps) -> Callable[[Tensor], Tensor]:
     """down(act(gate(x)) * up(x)), through the fused gate/up linear (and SiLU-gate op) when there is one."""
     gate_up = getattr(mlp, "gate_up_proj", None)
     if gate_up is None:
-        return mlp(x)
-    if isinstance(mlp.act_fn, (nn.SiLU, SiLUActivation)):
-        return mlp.down_proj(ops.silu_mul(gate_up(x)))
-    gate, up = gate_up(x).chunk(2, dim=-1)  # [T, I] each
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+        return mlp
+    gate_up, down, act = gate_up.forward, mlp.down_proj.forward, mlp.act_fn
+    if isinstance(act, (nn.SiLU, SiLUActivation)):
+        silu_mul = ops.silu_mul
+        return lambda x: down(silu_mul(gate_up(x)))
+
+    def general(x: Tensor) -> Tensor:
+        gate, up = gate_up(x).chunk(2, dim=-1)  # [T, I] each
+        return down(act(gate) * up)
+    return general
 
 
 def _out_features(linear: nn.Module) -> int:

@@ -175,6 +175,20 @@ def test_compressed_checkpoints_match_their_reference_forward(pruned_dirs, kind)
         assert got[str(i)] == reference_greedy(reference, p, 8), f"{kind} request {i}"
 
 
+def test_an_activation_without_a_fused_op_runs_through_the_module(tiny_model_dir):
+    """A fused gate/up linear with another activation (GELU): the engine calls act_fn itself."""
+    serving = load_for_serving(tiny_model_dir, dtype=torch.float32)
+    for layer in serving.model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    engine = engine_for(serving.model)
+    p = prompts(2, seed=7)[1]
+    engine.add_request("r", p, SamplingParams(max_tokens=8, **GREEDY))
+    got, _ = run(engine)
+    assert got["r"] == reference_greedy(serving.model, p, 8)
+    silu = load_for_serving(tiny_model_dir, dtype=torch.float32).model
+    assert reference_greedy(silu, p, 8) != got["r"]  # the activation did change the model
+
+
 # -- requests: stopping, sampling, abort, failures ------------------------------------------------
 def test_stop_rules_eos_stop_tokens_min_tokens_and_context(tiny_model):
     p = prompts(1, seed=7)[0]

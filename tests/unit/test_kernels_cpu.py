@@ -84,6 +84,36 @@ def test_avx512_decode_loops(m, k):
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 11])
+@pytest.mark.parametrize("n, k", [(37, 72), (24, 129), (64, 256), (5, 31)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_gemv_equals_a_float32_linear(m, n, k, with_bias):
+    """The AVX-512 dense decode GEMV (the dense baseline's batch-1 path), K tails included."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    w = sparse_weight(n, k, 0.0, seed=n + k)
+    x = torch.randn(m, k).bfloat16()
+    bias = torch.randn(n).bfloat16() if with_bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float()).bfloat16()
+    assert_close_bf16(cpu.extension().dense_gemm_decode(x, w, bias), ref)
+
+
+def test_dense_linear_takes_the_gemv_for_one_row_and_onednn_above(monkeypatch):
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    w = sparse_weight(40, 96, 0.0)
+    packed, plain = cpu.prepack_dense(w), cpu.prepack_dense(w, decode_rows=False)
+    assert packed.rows is not None and plain.rows is None
+    calls = []
+    gemv = cpu.extension().dense_gemm_decode
+    monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {"dense_gemm_decode": staticmethod(
+        lambda *a: calls.append(a[0].shape[0]) or gemv(*a))}))
+    for m in (1, 2, 5):
+        x = torch.randn(m, 96).bfloat16()
+        assert_close_bf16(cpu.dense_linear(x, packed), cpu.dense_linear(x, plain))
+    assert calls == [1]  # TUNING.dense_decode_max_rows: oneDNN wins from two rows
+
+
 def test_bitmask_words_follow_the_bitmask():
     w = sparse_weight(5, 70, 0.6)
     bitmask = compress(w)
