@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.bitmask import BitmaskTensor
+from kernels.cpu import dense_linear, prepack_dense
 from kernels.registry import Kernel, select
 
 OP = "bitmask_linear"
@@ -40,6 +41,8 @@ class SparseLinear(nn.Module):
         return cls(weight, bias, kernel, packed, dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # x [..., K] -> [..., N]
+        if x.dim() == 2 and x.dtype == self.dtype:  # the engine's flat token batch: no reshapes
+            return self.kernel.apply(x.contiguous(), self.packed, self.bias)
         lead = x.shape[:-1]
         y = self.kernel.apply(x.reshape(-1, self.in_features).to(self.dtype).contiguous(), self.packed, self.bias)
         return y.reshape(*lead, self.out_features)
@@ -75,15 +78,13 @@ class PrepackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, decode_rows: bool = True):
         super().__init__()
-        from kernels.cpu import prepack_dense
-
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.packed = prepack_dense(linear.weight.detach(), decode_rows)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:  # x [..., K] -> [..., N]
-        from kernels.cpu import dense_linear
-
+        if x.dim() == 2:
+            return dense_linear(x.contiguous(), self.packed, self.bias)
         lead = x.shape[:-1]
         y = dense_linear(x.reshape(-1, self.in_features).contiguous(), self.packed, self.bias)
         return y.reshape(*lead, self.out_features)

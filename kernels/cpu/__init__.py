@@ -8,9 +8,13 @@ Contract:
   extension machinery and cached under ``$SPARSE_SERVE_CACHE/torch_extensions`` (default
   ``~/.cache/sparse-serve``), so later processes load it in a fraction of a second. ``pack``
   regroups the bitmask into one uint32 word per 32 columns and pads the values; no weight is
-  kept dense. ``apply`` runs the decode kernel (weights expanded in registers, ``vdpbf16ps``) for
-  up to ``decode_max_rows`` activation rows, and for more rows decompresses the weight (or tiles of
-  it, within ``tile_bytes``) into a reused scratch buffer and runs a dense GEMM on it (prefill).
+  kept dense; it also counts the 64-column windows holding more than 32 nonzeros and marks the
+  weight ``windowed`` when they are rare (at most ``window_max_overfull``, true from ~60% sparsity).
+  ``apply`` runs the decode kernel for up to ``decode_max_rows`` activation rows: for a windowed
+  weight and up to ``window_max_rows`` rows, each window's column indices are compressed from its mask
+  and the activations permuted to the packed values; otherwise each 32-column chunk is expanded in a
+  register (``vdpbf16ps`` either way). For more rows it decompresses the weight (or tiles of it,
+  within ``tile_bytes``) into a reused scratch buffer and runs a dense GEMM on it (prefill).
 * ``cpu_dense`` (priority 5; every float dtype) is the fallback on any CPU: ``pack`` decompresses
   once and prepacks the weight for oneDNN, ``apply`` runs :func:`dense_linear`, so a machine without
   AVX-512 is no slower than dense (nor smaller).
@@ -104,6 +108,7 @@ class PackedBitmask:
     masks: Tensor  # int32 [N, ceil(K/32)]
     values: Tensor  # bf16 [nnz + 32]
     row_offsets: Tensor  # int64 [N]
+    windowed: bool = False  # few 64-column windows hold more than 32 nonzeros: decode takes the windowed loop
 
     @property
     def nbytes(self) -> int:
@@ -112,8 +117,22 @@ class PackedBitmask:
 
 def pack_avx512(weight: BitmaskTensor) -> PackedBitmask:
     values = torch.cat([weight.values.to("cpu", torch.bfloat16), torch.zeros(CHUNK, dtype=torch.bfloat16)])
-    return PackedBitmask(weight.shape, bitmask_words(weight.bitmask.cpu(), weight.cols).contiguous(), values,
-                         weight.row_offsets.to("cpu", torch.int64).contiguous())
+    bitmask = weight.bitmask.cpu()
+    windowed = overfull_windows(bitmask) <= TUNING.window_max_overfull
+    return PackedBitmask(weight.shape, bitmask_words(bitmask, weight.cols).contiguous(), values,
+                         weight.row_offsets.to("cpu", torch.int64).contiguous(), windowed)
+
+
+def overfull_windows(bitmask: Tensor) -> float:
+    """The fraction of 64-column windows holding more than 32 nonzeros (each costs the windowed decode
+    loop a second permute and a mispredicted branch). uint8 bitmask [N, ceil(K/8)] -> a number in [0, 1]."""
+    nbytes = bitmask.shape[1]
+    padded = F.pad(bitmask, (0, -nbytes % 8)).long()  # [N, 8W]
+    counts = _POPCOUNT[padded].view(bitmask.shape[0], -1, 8).sum(-1)  # [N, W] nonzeros per window
+    return float((counts > 32).float().mean()) if counts.numel() else 0.0
+
+
+_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
 
 
 @dataclass
@@ -122,10 +141,14 @@ class CpuTuning:
     passes of 8 rows) beats the GEMM up to 16 rows. Above that the weight is decompressed into a reused
     scratch buffer of up to ``tile_bytes`` and multiplied in one GEMM: at 40 prompt rows one GEMM on
     the whole decompressed weight ran 1.7-1.9x faster than 256-row tiles (SmolLM2's shapes, see
-    benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use it)."""
+    benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use it). The windowed
+    decode loop runs for passes of up to ``window_max_rows`` rows of weights whose share of 64-column
+    windows with more than 32 nonzeros is at most ``window_max_overfull`` (bitmask_linear.cpp)."""
 
     decode_max_rows: int = 16
     dense_decode_max_rows: int = 1
+    window_max_rows: int = 4
+    window_max_overfull: float = 0.1
     tile_bytes: int = 64 * 2**20
     tile_rows: int | None = None
 
@@ -158,7 +181,8 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
     """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, tiled decompress + GEMM for many."""
     _check_input(x, packed.shape)
     if x.shape[0] <= TUNING.decode_max_rows:
-        return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias)
+        window = TUNING.window_max_rows if packed.windowed else 0
+        return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, window)
     n, k = packed.shape
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     rows = TUNING.rows_per_tile(n, k)

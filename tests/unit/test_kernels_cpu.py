@@ -84,6 +84,42 @@ def test_avx512_decode_loops(m, k):
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])  # 0 and 0.5: windows of more than 32 nonzeros
+@pytest.mark.parametrize("n, k", [(19, 64), (23, 96), (9, 129), (6, 31), (40, 1000)])  # odd chunk counts, tails
+def test_windowed_decode_loop_for_every_pass_size(sparsity, n, k):
+    """The windowed loop (compressed column indices + permute), forced on for every pass of 1-8 rows and
+    for 11 rows (a pass of 8, then 3), equals the reference, whatever the weight's windows hold."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    w = sparse_weight(n, k, sparsity, seed=n + k)
+    packed = cpu.pack_avx512(compress(w))
+    bias = torch.randn(n).bfloat16()
+    for m in (1, 2, 3, 4, 5, 8, 11):
+        x = torch.randn(m, k).bfloat16()
+        y = cpu.extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, 8)
+        assert_close_bf16(y, bitmask_linear_reference(x, compress(w), bias))
+
+
+def test_pack_chooses_the_windowed_loop_when_few_windows_overflow(monkeypatch):
+    """At 70% a 64-column window rarely holds more than 32 nonzeros; at 30% most do."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    sparse, dense = compress(sparse_weight(64, 256, 0.7)), compress(sparse_weight(64, 256, 0.3))
+    assert cpu.overfull_windows(sparse.bitmask) < 0.01 < 0.9 < cpu.overfull_windows(dense.bitmask)
+    assert cpu.pack_avx512(sparse).windowed and not cpu.pack_avx512(dense).windowed
+    full = torch.zeros(2, 8, dtype=torch.uint8)
+    full[0] = 255  # row 0: both windows full (64 of 64); row 1 empty
+    assert cpu.overfull_windows(full) == 0.5
+    calls = []
+    decode = cpu.extension().bitmask_gemm_decode
+    monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {"bitmask_gemm_decode": staticmethod(
+        lambda *a: calls.append(a[-1]) or decode(*a))}))
+    x = torch.randn(1, 256).bfloat16()
+    cpu.apply_avx512(x, cpu.pack_avx512(sparse))
+    cpu.apply_avx512(x, cpu.pack_avx512(dense))
+    assert calls == [cpu.TUNING.window_max_rows, 0]
+
+
 @pytest.mark.parametrize("m", [1, 3, 8, 11])
 @pytest.mark.parametrize("n, k", [(37, 72), (24, 129), (64, 256), (5, 31)])
 @pytest.mark.parametrize("with_bias", [False, True])
