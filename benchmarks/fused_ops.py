@@ -32,7 +32,7 @@ def cases() -> dict[str, Callable[[LayerOps], object]]:
     bf = torch.bfloat16
     x, w, delta = torch.randn(1, D, dtype=bf), torch.randn(D, dtype=bf), torch.randn(1, D, dtype=bf)
     qkv = torch.randn(1, HQ + 2 * HK, HEAD, dtype=bf)
-    q, k, _ = qkv.split([HQ, HK, HK], dim=1)
+    q, k, v = qkv.split([HQ, HK, HK], dim=1)
     cos, sin = torch.randn(1, HEAD, dtype=bf), torch.randn(1, HEAD, dtype=bf)
     gate_up = torch.randn(1, 2 * INTER, dtype=bf)
     out = {"rms_norm": lambda o: o.rms_norm(x, w, 1e-5),
@@ -41,6 +41,7 @@ def cases() -> dict[str, Callable[[LayerOps], object]]:
            "silu_mul": lambda o: o.silu_mul(gate_up)}
     k_cache = torch.randn(1000 // BLOCK + 1, BLOCK, HK, HEAD, dtype=bf)
     v_cache = torch.randn_like(k_cache)
+    out["rotary_cache_"] = lambda o: o.rotary_cache_(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([70]))
     qd = torch.randn(1, HQ, HEAD, dtype=bf)
     for ctx in (64, 300, 1000):
         tables, lens = torch.arange(-(-ctx // BLOCK))[None], torch.tensor([ctx])

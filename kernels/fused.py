@@ -8,6 +8,8 @@ transformers modules they replace (``LlamaRMSNorm``, ``apply_rotary_pos_emb``, `
 * ``add_rms_norm_(h [T, D], delta [T, D], weight [D], eps) -> [T, D]``: ``h += delta`` in place, then
   the norm of the new ``h`` (the residual stream and the next sublayer's input in one pass)
 * ``rotary_(q [T, Hq, d], k [T, Hk, d], cos [T, d], sin [T, d])``: in place, rotate-half convention
+* ``rotary_cache_(q, k, v [T, Hk, d], cos, sin, k_cache, v_cache [NB, bs, Hk, d], slots [T])``:
+  ``rotary_``, then this step's keys and values stored at their flat cache slots (block * bs + offset)
 * ``silu_mul(gate_up [T, 2I]) -> [T, I]``: ``silu(gate_up[:, :I]) * gate_up[:, I:]``
 * ``paged_decode(q [B, Hq, d], k_cache, v_cache [NB, bs, Hk, d], tables [B, nb], lens [B], scale)
   -> [B, Hq, d]``: one query per sequence over its first ``lens[b]`` cached positions (GQA), what
@@ -45,6 +47,7 @@ class LayerOps:
     rms_norm: Callable[[Tensor, Tensor, float], Tensor]
     add_rms_norm_: Callable[[Tensor, Tensor, Tensor, float], Tensor]
     rotary_: Callable[[Tensor, Tensor, Tensor, Tensor], None]
+    rotary_cache_: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], None]
     silu_mul: Callable[[Tensor], Tensor]
     paged_decode: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
 
@@ -69,6 +72,18 @@ def torch_rotary_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
         x.copy_(x * c + rotated * s)
 
 
+def torch_write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
+    """Store keys/values at flat slots. k, v: [T, Hk, d]; caches [NB, bs, Hk, d]; slots [T] long."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def torch_rotary_cache_(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                        v_cache: Tensor, slots: Tensor) -> None:
+    torch_rotary_(q, k, cos, sin)
+    torch_write_kv(k_cache, v_cache, k, v, slots)
+
+
 def torch_silu_mul(gate_up: Tensor) -> Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -91,8 +106,8 @@ def torch_paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tens
     return out.squeeze(2)  # [B, Hq, d]
 
 
-TORCH_OPS = LayerOps("torch", torch_rms_norm, torch_add_rms_norm_, torch_rotary_, torch_silu_mul,
-                     torch_paged_decode)
+TORCH_OPS = LayerOps("torch", torch_rms_norm, torch_add_rms_norm_, torch_rotary_, torch_rotary_cache_,
+                     torch_silu_mul, torch_paged_decode)
 
 
 # -- the compiled CPU implementation -------------------------------------------------------------------
@@ -111,7 +126,8 @@ def cpu_fused_ops() -> LayerOps | None:
     ext = extension()
     if isinstance(ext, str):
         return None
-    return LayerOps("cpu_fused", ext.rms_norm, ext.add_rms_norm_, ext.rotary_, ext.silu_mul, ext.paged_decode)
+    return LayerOps("cpu_fused", ext.rms_norm, ext.add_rms_norm_, ext.rotary_, ext.rotary_cache_, ext.silu_mul,
+                    ext.paged_decode)
 
 
 def layer_ops(device: torch.device | str, dtype: torch.dtype) -> LayerOps:

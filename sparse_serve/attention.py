@@ -1,4 +1,5 @@
-"""Paged attention on CPU tensors: write new keys/values into cache slots, attend over block tables.
+"""Paged attention on CPU tensors over block tables (a layer's ``rotary_cache_`` op, :mod:`kernels.fused`,
+has already stored this step's keys and values in their cache slots).
 
 Contract: the cache of one layer is ``k, v: [num_blocks, block_size, kv_heads, head_dim]``. A step's
 tokens are flattened to ``T`` rows; :class:`AttentionMetadata` says which rows are single-token
@@ -42,12 +43,6 @@ class AttentionMetadata:
     decode_tables: Tensor  # [B, max_blocks] long, padded with block 0
     decode_lens: Tensor  # [B] long: context length of each decode row (its new key included)
     prefills: list[PrefillChunk]
-
-
-def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
-    """Store this step's keys/values. k, v: [T, kv_heads, head_dim]; caches [NB, bs, kv_heads, head_dim]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,

@@ -11,6 +11,8 @@
 //   rms_norm(x [T, D], w [D], eps)              -> y [T, D]
 //   add_rms_norm_(h [T, D], delta [T, D], w, eps) -> y [T, D]; h += delta in place first
 //   rotary_(q [T, Hq, d], k [T, Hk, d], cos [T, d], sin [T, d])   in place, rotate-half convention
+//   rotary_cache_(q, k, v [T, Hk, d], cos, sin, k_cache, v_cache [NB, bs, Hk, d], slots [T])
+//       rotary_ on q and k, then k and v copied to the cache rows slots[t] (= block * bs + offset)
 //   silu_mul(gu [T, 2I])                         -> y [T, I] = silu(gu[:, :I]) * gu[:, I:]
 //   paged_decode(q [B, Hq, d], k_cache, v_cache [NB, bs, Hk, d], tables [B, nb], lens [B], scale)
 //       -> out [B, Hq, d]: one query per sequence attending to its first lens[b] cached positions,
@@ -248,6 +250,39 @@ void rotary_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos, const
   });
 }
 
+// rotary_, then this step's keys and values stored in their cache slots (cache [NB, bs, Hk, d], slots [T]
+// flat indices block * bs + offset): the attention prologue of a layer in one call.
+void rotary_cache_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cos,
+                   const torch::Tensor& sin, torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots) {
+  rotary_(q, k, cos, sin);
+  check_rows(v, 3, "v");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous(), "k_cache and v_cache must be contiguous [num_blocks, block_size, Hk, d]");
+  const int64_t rows = k.size(0), heads = k.size(1), d = k.size(2);
+  TORCH_CHECK(v.size(0) == rows && v.size(1) == heads && v.size(2) == d && k_cache.size(2) == heads &&
+                  k_cache.size(3) == d, "k, v must be [T, Hk, d] with the cache's Hk and d");
+  TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == k.scalar_type() &&
+                  v.scalar_type() == k.scalar_type(), "k, v and the caches must share one dtype");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == rows && slots.scalar_type() == torch::kInt64,
+              "slots must be int64 [T]");
+  const int64_t capacity = k_cache.size(0) * k_cache.size(1);
+  const int64_t* slot = slots.contiguous().data_ptr<int64_t>();
+  const int64_t row_bytes = d * static_cast<int64_t>(k.element_size());
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t es = k.element_size();
+  for (int64_t t = 0; t < rows; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "slot ", slot[t], " is outside the cache (", capacity, " slots)");
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t dst = (slot[t] * heads + h) * row_bytes;
+      std::memcpy(kc + dst, kp + (t * k.stride(0) + h * k.stride(1)) * es, row_bytes);
+      std::memcpy(vc + dst, vp + (t * v.stride(0) + h * v.stride(1)) * es, row_bytes);
+    }
+  }
+}
+
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   check_rows(gate_up, 2, "gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must be [T, 2I]");
@@ -307,6 +342,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of rows with transformers' rounding");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta, then RMSNorm of h");
   m.def("rotary_", &rotary_, "rotary position embedding of q and k in place (rotate-half)");
+  m.def("rotary_cache_", &rotary_cache_, "rotary_ on q and k, then k and v stored in their cache slots");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up output");
   m.def("paged_decode", &paged_decode, "single-query attention over a paged KV cache");
 }

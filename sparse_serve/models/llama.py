@@ -20,7 +20,7 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from kernels.fused import LayerOps, layer_ops
-from sparse_serve.attention import AttentionMetadata, paged_attention, write_kv
+from sparse_serve.attention import AttentionMetadata, paged_attention
 from sparse_serve.models import register_paged
 
 RMS_NORMS = (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm)  # weight * normalize(x), what ops.rms_norm computes
@@ -89,8 +89,7 @@ class _Attention:
         else:
             q, k, v = self.q(x).view(t, -1, d), self.k(x).view(t, -1, d), self.v(x).view(t, -1, d)
         # q [T, Hq, d]; k, v [T, Hkv, d]
-        self.ops.rotary_(q, k, cos, sin)
-        write_kv(k_cache, v_cache, k, v, meta.slots)
+        self.ops.rotary_cache_(q, k, v, cos, sin, k_cache, v_cache, meta.slots)  # keys and values now cached
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scaling, self.ops.paged_decode)  # [T, Hq, d]
         return self.o(out.reshape(t, -1))
 

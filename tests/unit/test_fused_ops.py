@@ -61,6 +61,38 @@ def test_rotary_in_place_on_strided_views_matches_transformers(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_cache_rotates_then_stores_keys_and_values_in_their_slots(ops, dtype):
+    torch.manual_seed(4)
+    t, hq, hk, d, blocks, bs = 3, 6, 2, 16, 5, 4
+    qkv = torch.randn(t, hq + 2 * hk, d).to(dtype)
+    angles = torch.randn(t, d // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    q, k, v = qkv.clone().split([hq, hk, hk], dim=1)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    k_cache, v_cache = torch.zeros(blocks, bs, hk, d, dtype=dtype), torch.zeros(blocks, bs, hk, d, dtype=dtype)
+    slots = torch.tensor([17, 2, 9])  # block 4 offset 1, block 0 offset 2, block 2 offset 1
+    ops.rotary_cache_(q, k, v, cos, sin, k_cache, v_cache, slots)
+    torch.testing.assert_close(q, want_q, **exact(dtype))
+    flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
+    torch.testing.assert_close(flat_k[slots], want_k, **exact(dtype))
+    assert torch.equal(flat_v[slots], qkv[:, hq + hk:])
+    untouched = torch.ones(blocks * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert not flat_k[untouched].any() and not flat_v[untouched].any()
+
+
+def test_rotary_cache_refuses_a_slot_outside_the_cache():
+    fused = cpu_fused_ops()
+    if fused is None:
+        pytest.skip("the fused CPU extension could not be compiled here")
+    q, k, v = torch.randn(1, 2, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    cos, sin = torch.ones(1, 8), torch.zeros(1, 8)
+    cache = torch.zeros(2, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        fused.rotary_cache_(q, k, v, cos, sin, cache, cache.clone(), torch.tensor([8]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [7, 40, 56, 300, 1536])  # scalar only, vector + tail, past one exp block
 def test_silu_mul_matches_the_gated_mlp(ops, dtype, inter):
     torch.manual_seed(2)
