@@ -116,8 +116,11 @@ def extension() -> ModuleType | str:
     """The compiled extension, or why it cannot be had (built once, then cached on disk)."""
     from kernels.cpu import build_extension, cpu_flags
 
-    wide = ["-mavx512f", "-mavx512bw", "-mavx512vl"] if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else \
-        ["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_flags() else []  # plain C++ loops, vectorized by the compiler
+    flags = cpu_flags()
+    wide = ["-mavx512f", "-mavx512bw", "-mavx512vl"] if {"avx512f", "avx512bw", "avx512vl"} <= flags else \
+        ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []  # plain C++ loops, vectorized by the compiler
+    if wide[:1] == ["-mavx512f"] and "avx512_bf16" in flags:
+        wide.append("-mavx512bf16")  # bf16 attention scores by vdpbf16ps
     return build_extension("sparse_serve_fused_cpu", SOURCE, ["-O3", "-fopenmp", *wide])
 
 
