@@ -40,15 +40,15 @@ class PagedLlama:
         decoder = model.model
         self.embed, self.norm, self.rotary = decoder.embed_tokens, decoder.norm, decoder.rotary_emb
         self.lm_head = model.lm_head
-        self.layers = list(decoder.layers)
+        layers = list(decoder.layers)
         self.ops = layer_ops(self.embed.weight.device, self.embed.weight.dtype)
         # per layer: the norm before attention, the one before the MLP; then the final norm
-        self.norms = [_norm_fn(m, self.ops) for layer in self.layers
+        self.norms = [_norm_fn(m, self.ops) for layer in layers
                       for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [_norm_fn(self.norm, self.ops)]
         # modules resolved once: a decode step of a small model makes ~10 calls per layer, and attribute
         # lookups plus nn.Module.__call__ on each cost about as much as the fused ops themselves
-        self.attention = [_Attention(layer.self_attn, self.ops) for layer in self.layers]
-        self.mlps = [_mlp_fn(layer.mlp, self.ops) for layer in self.layers]
+        self.attention = [_Attention(layer.self_attn, self.ops) for layer in layers]
+        self.mlps = [_mlp_fn(layer.mlp, self.ops) for layer in layers]
 
     def kv_shapes(self) -> list[tuple[int, int]]:
         """(kv_heads, head_dim) of every layer."""
