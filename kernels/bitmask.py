@@ -81,6 +81,12 @@ def bitmask_words(bitmask: Tensor, cols: int) -> Tensor:
     return as_int32_bits((padded_words(bitmask, cols) << shifts).sum(-1))  # [R, KW]
 
 
+def word_popcounts(bitmask: Tensor, cols: int) -> Tensor:
+    """Nonzeros in every 32-column word: uint8 bitmask [R, ceil(cols/8)] -> int64 [R, ceil(cols/32)]."""
+    table = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64, device=bitmask.device)
+    return table[padded_words(bitmask, cols)].sum(-1)  # [R, KW]
+
+
 def unpack_bitmask(bits: Tensor, cols: int) -> Tensor:
     """Inverse of :func:`pack_bitmask`: uint8 ``[R, ceil(cols/8)]`` -> bool ``[R, cols]``."""
     if bits.dim() != 2 or bits.dtype != torch.uint8:

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from kernels.bitmask import (
-    BitmaskTensor, as_int32_bits, bitmask_words, padded_words, unpack_bitmask, words_per_row,
+    BitmaskTensor, as_int32_bits, bitmask_words, unpack_bitmask, word_popcounts, words_per_row,
 )
 from kernels.registry import Kernel, register
 
@@ -115,8 +115,7 @@ class Packed24:
 
 def chunk_offsets(bitmask: Tensor, cols: int) -> Tensor:
     """Index of the first nonzero of every 32-column chunk: [R, KW], int32 unless nnz needs int64."""
-    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=bitmask.device)
-    counts = table[padded_words(bitmask, cols)].sum(-1).flatten()  # [R*KW] popcount per word
+    counts = word_popcounts(bitmask, cols).flatten()  # [R*KW] popcount per word
     offsets = (torch.cumsum(counts, 0) - counts).view(bitmask.shape[0], words_per_row(cols))  # [R, KW]
     total = int(counts.sum()) if counts.numel() else 0
     return offsets.to(torch.int32) if total < 2**31 else offsets

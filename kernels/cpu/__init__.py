@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.bitmask import BitmaskTensor, bitmask_words
+from kernels.bitmask import BitmaskTensor, bitmask_words, word_popcounts
 from kernels.registry import Kernel, register
 
 CHUNK = 32  # bf16 lanes of one AVX-512 register
@@ -126,13 +126,9 @@ def pack_avx512(weight: BitmaskTensor) -> PackedBitmask:
 def overfull_windows(bitmask: Tensor) -> float:
     """The fraction of 64-column windows holding more than 32 nonzeros (each costs the windowed decode
     loop a second permute and a mispredicted branch). uint8 bitmask [N, ceil(K/8)] -> a number in [0, 1]."""
-    nbytes = bitmask.shape[1]
-    padded = F.pad(bitmask, (0, -nbytes % 8)).long()  # [N, 8W]
-    counts = _POPCOUNT[padded].view(bitmask.shape[0], -1, 8).sum(-1)  # [N, W] nonzeros per window
+    words = word_popcounts(bitmask, 8 * bitmask.shape[1])  # [N, KW] nonzeros per 32 columns
+    counts = F.pad(words, (0, words.shape[1] % 2)).view(bitmask.shape[0], -1, 2).sum(-1)  # [N, W] per window
     return float((counts > 32).float().mean()) if counts.numel() else 0.0
-
-
-_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
 
 
 @dataclass

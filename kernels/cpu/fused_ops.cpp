@@ -297,7 +297,8 @@ void rotary_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos, const
 // flat indices block * bs + offset): the attention prologue of a layer in one call.
 void rotary_cache_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cos,
                    const torch::Tensor& sin, torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots) {
-  rotary_(q, k, cos, sin);
+  // everything is checked before q and k are touched, so a bad call changes nothing
+  check_rows(k, 3, "k");
   check_rows(v, 3, "v");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous(), "k_cache and v_cache must be contiguous [num_blocks, block_size, Hk, d]");
@@ -308,16 +309,18 @@ void rotary_cache_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& v, c
                   v.scalar_type() == k.scalar_type(), "k, v and the caches must share one dtype");
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == rows && slots.scalar_type() == torch::kInt64,
               "slots must be int64 [T]");
+  const torch::Tensor slots_c = slots.contiguous();
+  const int64_t* slot = slots_c.data_ptr<int64_t>();
   const int64_t capacity = k_cache.size(0) * k_cache.size(1);
-  const int64_t* slot = slots.contiguous().data_ptr<int64_t>();
-  const int64_t row_bytes = d * static_cast<int64_t>(k.element_size());
+  for (int64_t t = 0; t < rows; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "slot ", slot[t], " is outside the cache (", capacity, " slots)");
+  rotary_(q, k, cos, sin);
+  const int64_t es = k.element_size(), row_bytes = d * es;
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
   const auto* kp = static_cast<const char*>(k.data_ptr());
   const auto* vp = static_cast<const char*>(v.data_ptr());
-  const int64_t es = k.element_size();
   for (int64_t t = 0; t < rows; ++t) {
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "slot ", slot[t], " is outside the cache (", capacity, " slots)");
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t dst = (slot[t] * heads + h) * row_bytes;
       std::memcpy(kc + dst, kp + (t * k.stride(0) + h * k.stride(1)) * es, row_bytes);
