@@ -36,7 +36,7 @@ from kernels.cpu import TUNING, PrepackedDense, dense_linear, prepack_dense  # n
 from kernels.registry import select  # noqa: E402
 
 SHAPES = ("576x1536", "1536x576", "4096x4096", "11008x4096", "4096x11008")
-BATCHES = (1, 4, 8, 16, 64)
+BATCHES = (1, 4, 8, 16, 32, 64)
 SPARSITIES = (0.5, 0.6, 0.7, 0.8)
 
 

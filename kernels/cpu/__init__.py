@@ -13,8 +13,11 @@ Contract:
   ``apply`` runs the decode kernel for up to ``decode_max_rows`` activation rows: for a windowed
   weight and up to ``window_max_rows`` rows, each window's column indices are compressed from its mask
   and the activations permuted to the packed values; otherwise each 32-column chunk is expanded in a
-  register (``vdpbf16ps`` either way). For more rows it decompresses the weight (or tiles of it,
-  within ``tile_bytes``) into a reused scratch buffer and runs a dense GEMM on it (prefill).
+  register (``vdpbf16ps`` either way). Up to ``pairs_max_rows`` rows of a weight whose share of
+  nonzero column pairs is at most ``pairs_max_density`` (``PackedBitmask.pair_density``; from ~67%
+  sparsity) take the pair gather: only the nonzero pairs are multiplied, each with 16 activation
+  rows at once. Otherwise it decompresses the weight (or tiles of it, within ``tile_bytes``) into a
+  reused scratch buffer and runs a dense GEMM on it (prefill).
 * ``cpu_dense`` (priority 5; every float dtype) is the fallback on any CPU: ``pack`` decompresses
   once and prepacks the weight for oneDNN, ``apply`` runs :func:`dense_linear`, so a machine without
   AVX-512 is no slower than dense (nor smaller).
@@ -41,10 +44,10 @@ from kernels.bitmask import BitmaskTensor, bitmask_words, word_popcounts
 from kernels.registry import Kernel, register
 
 CHUNK = 32  # bf16 lanes of one AVX-512 register
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vbmi2")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vbmi2", "bmi2")
 SOURCE = Path(__file__).with_name("bitmask_linear.cpp")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi2",
-          "-mpopcnt"]
+          "-mpopcnt", "-mbmi2"]
 
 
 # -- availability --------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ class PackedBitmask:
     values: Tensor  # bf16 [nnz + 32]
     row_offsets: Tensor  # int64 [N]
     windowed: bool = False  # few 64-column windows hold more than 32 nonzeros: decode takes the windowed loop
+    pair_density: float = 1.0  # the share of column pairs (2j, 2j+1) holding a nonzero: what the pair gather multiplies
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +124,17 @@ def pack_avx512(weight: BitmaskTensor) -> PackedBitmask:
     bitmask = weight.bitmask.cpu()
     windowed = overfull_windows(bitmask) <= TUNING.window_max_overfull
     return PackedBitmask(weight.shape, bitmask_words(bitmask, weight.cols).contiguous(), values,
-                         weight.row_offsets.to("cpu", torch.int64).contiguous(), windowed)
+                         weight.row_offsets.to("cpu", torch.int64).contiguous(), windowed, pair_density(bitmask))
+
+
+def pair_density(bitmask: Tensor) -> float:
+    """The share of column pairs (2j, 2j+1) with at least one nonzero: uint8 bitmask [N, ceil(K/8)] -> [0, 1].
+    Counted over whole bytes (4 pairs each); the zero padding bits of the last byte count as empty pairs."""
+    if bitmask.numel() == 0:
+        return 0.0
+    pairs = ((bitmask | (bitmask >> 1)) & 0x55).to(torch.int64)  # bit 2j: pair j of the byte holds a nonzero
+    live = sum(int(((pairs >> (2 * j)) & 1).sum()) for j in range(4))
+    return live / (4 * bitmask.numel())
 
 
 def overfull_windows(bitmask: Tensor) -> float:
@@ -142,9 +156,17 @@ class CpuTuning:
     windows with more than 32 nonzeros is at most ``window_max_overfull`` (bitmask_linear.cpp): with
     random masks the windowed loop breaks even with the expanding one at ~17% such windows (55%
     sparsity) and is 1.3-1.9x faster at 70%; where the full windows sit in the same columns of every
-    row (Wanda's o_proj masks) the branch predictor learns them and it still wins at 25%."""
+    row (Wanda's o_proj masks) the branch predictor learns them and it still wins at 25%.
+    From ``decode_max_rows`` + 1 to ``pairs_max_rows`` rows, weights with at most ``pairs_max_density``
+    nonzero column pairs (random masks: 0.51 at 70% sparsity, 0.64 at 60%) take the pair gather
+    (bitmask_linear.cpp): at 70-80% it ran 0.85-1.16x of oneDNN on 32 and 64 rows where decompress +
+    GEMM ran 0.67-0.92x; at 60% it lost to decompress + GEMM on the 576- and 1536-wide shapes, whose
+    decompressed weight stays in cache. Beyond 64 rows it lists every row's pairs again per 64
+    activation rows, and decompress + GEMM wins."""
 
     decode_max_rows: int = 16
+    pairs_max_rows: int = 64
+    pairs_max_density: float = 0.55
     dense_decode_max_rows: int = 1
     window_max_rows: int = 4
     window_max_overfull: float = 0.15
@@ -177,11 +199,14 @@ _SHARED = torch.empty(0, dtype=torch.bfloat16)
 
 
 def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, tiled decompress + GEMM for many."""
+    """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, the pair gather for a few dozen rows of a
+    sparse enough weight, tiled decompress + GEMM otherwise."""
     _check_input(x, packed.shape)
     if x.shape[0] <= TUNING.decode_max_rows:
         window = TUNING.window_max_rows if packed.windowed else 0
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, window)
+    if x.shape[0] <= TUNING.pairs_max_rows and packed.pair_density <= TUNING.pairs_max_density:
+        return extension().bitmask_gemm_pairs(x, packed.masks, packed.values, packed.row_offsets, bias)
     n, k = packed.shape
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     rows = TUNING.rows_per_tile(n, k)

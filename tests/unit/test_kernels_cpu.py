@@ -40,9 +40,9 @@ def assert_close_bf16(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.fixture()
 def tuning():
-    saved = (cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows)
+    saved = (cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.pairs_max_rows)
     yield cpu.TUNING
-    cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows = saved
+    cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.pairs_max_rows = saved
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)
@@ -62,9 +62,10 @@ def test_equals_reference(name, m, n, k, sparsity, with_bias):
 @pytest.mark.parametrize("decode_max_rows, tile_rows", [(0, 16), (0, 50), (200, 512)])
 @pytest.mark.parametrize("m", [1, 9, 16, 33])
 def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
-    """Both paths of the AVX-512 kernel, whichever the tuning picks, with partial last tiles."""
+    """The decode and the decompress + GEMM paths of the AVX-512 kernel, whichever the tuning picks, with
+    partial last tiles (the pair gather turned off)."""
     kernel = kernel_or_skip("cpu_avx512")
-    tuning.decode_max_rows, tuning.tile_rows = decode_max_rows, tile_rows
+    tuning.decode_max_rows, tuning.tile_rows, tuning.pairs_max_rows = decode_max_rows, tile_rows, 0
     w = sparse_weight(101, 200, 0.7, seed=m)
     x = torch.randn(m, 200).bfloat16()
     bias = torch.randn(101).bfloat16()
@@ -118,6 +119,46 @@ def test_pack_chooses_the_windowed_loop_when_few_windows_overflow(monkeypatch):
     cpu.apply_avx512(x, cpu.pack_avx512(sparse))
     cpu.apply_avx512(x, cpu.pack_avx512(dense))
     assert calls == [cpu.TUNING.window_max_rows, 0]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])
+@pytest.mark.parametrize("n, k", [(19, 64), (9, 129), (6, 31), (130, 40), (40, 1000)])  # tails; several K-blocks
+def test_pair_gather_equals_reference(sparsity, n, k):
+    """The pair gather for 1 to 130 activation rows (1-4 register groups of 16, a partial group, a second
+    pass of 64 rows), with and without bias, equals the reference whatever the pairs hold."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    w = sparse_weight(n, k, sparsity, seed=3 * n + k)
+    bitmask = compress(w)
+    packed = cpu.pack_avx512(bitmask)
+    for m, with_bias in ((1, True), (16, False), (17, True), (33, False), (64, True), (65, True), (130, False)):
+        x = torch.randn(m, k).bfloat16()
+        bias = torch.randn(n).bfloat16() if with_bias else None
+        y = cpu.extension().bitmask_gemm_pairs(x, packed.masks, packed.values, packed.row_offsets, bias)
+        assert_close_bf16(y, bitmask_linear_reference(x, bitmask, bias))
+
+
+def test_pair_density_counts_column_pairs_with_a_nonzero():
+    bitmask = torch.tensor([[0b0000_0001, 0b1100_0110], [0, 0b1111_1111]], dtype=torch.uint8)
+    # row 0: pair 0 of byte 0; pairs 1, 2 and 3 of byte 1. row 1: all four pairs of byte 1
+    assert cpu.pair_density(bitmask) == 8 / 16
+    assert cpu.pair_density(compress(sparse_weight(64, 256, 0.7)).bitmask) == pytest.approx(1 - 0.7**2, abs=0.03)
+
+
+def test_apply_takes_the_pair_gather_for_a_few_dozen_rows_of_a_sparse_weight(monkeypatch):
+    """17-64 rows of a 70% sparse weight take the pair gather; a 30% sparse weight, or 65 rows, decompress."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    sparse, dense = cpu.pack_avx512(compress(sparse_weight(48, 256, 0.7))), cpu.pack_avx512(compress(sparse_weight(48, 256, 0.3)))
+    assert sparse.pair_density <= cpu.TUNING.pairs_max_density < dense.pair_density
+    ext, calls = cpu.extension(), []
+    monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {
+        name: staticmethod(lambda *a, _f=getattr(ext, name), _n=name: calls.append(_n) or _f(*a))
+        for name in ("bitmask_gemm_decode", "bitmask_gemm_pairs", "bitmask_decompress_into")}))
+    for m, packed in ((17, sparse), (64, sparse), (65, sparse), (17, dense), (16, sparse)):
+        cpu.apply_avx512(torch.randn(m, 256).bfloat16(), packed)
+    assert calls == ["bitmask_gemm_pairs", "bitmask_gemm_pairs", "bitmask_decompress_into", "bitmask_decompress_into",
+                     "bitmask_gemm_decode"]
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 11])
