@@ -13,7 +13,7 @@ weight from memory, as decoding does. Memory per layer compares the bytes each f
 
     python benchmarks/kernels.py                                 # the full table (about 10 minutes)
     python benchmarks/kernels.py --shapes 4096x4096 --batches 1,8 --sparsities 0.7 --threads 1
-    python benchmarks/kernels.py --window-max-rows 0             # without the windowed decode loop
+    python benchmarks/kernels.py --decode-loop stream            # one decode loop instead of the measured choice
 
 Prints a table, writes a plot next to --plot, then one JSON line.
 """
@@ -32,7 +32,7 @@ import torch
 from common import run_facts  # first: takes this folder off sys.path, so `kernels` is the package
 
 from kernels.bitmask import compress  # noqa: E402
-from kernels.cpu import TUNING, PrepackedDense, dense_linear, prepack_dense  # noqa: E402
+from kernels.cpu import LOOPS, TUNING, DecodePlan, PrepackedDense, decode_plan, dense_linear, prepack_dense  # noqa: E402
 from kernels.registry import select  # noqa: E402
 
 SHAPES = ("576x1536", "1536x576", "4096x4096", "11008x4096", "4096x11008")
@@ -177,12 +177,12 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=1.5, help="rough seconds per point (caps --calls)")
     p.add_argument("--cache-bust-mib", type=int, default=160, help="weights cycled per point, MiB")
     p.add_argument("--kernel", default=None, help="force a registered kernel (default: the selected one)")
-    p.add_argument("--window-max-rows", type=int, default=None,
-                   help="activation rows that take the windowed decode loop (0: the expanding loop only)")
+    p.add_argument("--decode-loop", choices=["auto", *LOOPS], default="auto",
+                   help="the decode loop for every pass (default: the fastest measured on this machine)")
     p.add_argument("--plot", type=Path, default=Path("benchmarks/results/kernels.png"))
     args = p.parse_args()
-    if args.window_max_rows is not None:
-        TUNING.window_max_rows = args.window_max_rows
+    if args.decode_loop != "auto":
+        TUNING.decode_plan = DecodePlan.uniform(args.decode_loop)
 
     rows: list[Row] = []
     for threads in (int(t) for t in args.threads.split(",")):
@@ -193,7 +193,7 @@ def main() -> None:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.plot)
     print(json.dumps({"benchmark": "kernels", "rows": [asdict(r) for r in rows], "plot": str(args.plot),
-                      **run_facts()}))
+                      "decode_plan": decode_plan().names(), **run_facts()}))
 
 
 if __name__ == "__main__":

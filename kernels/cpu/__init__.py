@@ -10,10 +10,11 @@ Contract:
   regroups the bitmask into one uint32 word per 32 columns and pads the values; no weight is
   kept dense; it also counts the 64-column windows holding more than 32 nonzeros and marks the
   weight ``windowed`` when they are rare (at most ``window_max_overfull``, true from ~60% sparsity).
-  ``apply`` runs the decode kernel for up to ``decode_max_rows`` activation rows: for a windowed
-  weight and up to ``window_max_rows`` rows, each window's column indices are compressed from its mask
-  and the activations permuted to the packed values; otherwise each 32-column chunk is expanded in a
-  register (``vdpbf16ps`` either way). Up to ``pairs_max_rows`` rows of a weight whose share of
+  ``apply`` runs the decode kernel for up to ``decode_max_rows`` activation rows, in passes of up to 8
+  rows, each with the loop :func:`decode_plan` names for its size (measured on the machine once per
+  process): each 32-column chunk expanded in a register, one weight row at a time or several in
+  flight, or for a windowed weight each window's column indices compressed from its mask and the
+  activations permuted to the packed values (``vdpbf16ps`` every way). Up to ``pairs_max_rows`` rows of a weight whose share of
   nonzero column pairs is at most ``pairs_max_density`` (``PackedBitmask.pair_density``; from ~67%
   sparsity) take the pair gather: only the nonzero pairs are multiplied, each with 16 activation
   rows at once. Otherwise it decompresses the weight (or tiles of it, within ``tile_bytes``) into a
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.bitmask import BitmaskTensor, bitmask_words, word_popcounts
+from kernels.bitmask import BitmaskTensor, bitmask_words, compress, word_popcounts
 from kernels.registry import Kernel, register
 
 CHUNK = 32  # bf16 lanes of one AVX-512 register
@@ -151,12 +153,14 @@ class CpuTuning:
     passes of 8 rows) beats the GEMM up to 16 rows. Above that the weight is decompressed into a reused
     scratch buffer of up to ``tile_bytes`` and multiplied in one GEMM: at 40 prompt rows one GEMM on
     the whole decompressed weight ran 1.7-1.9x faster than 256-row tiles (SmolLM2's shapes, see
-    benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use it). The windowed
-    decode loop runs for passes of up to ``window_max_rows`` rows of weights whose share of 64-column
-    windows with more than 32 nonzeros is at most ``window_max_overfull`` (bitmask_linear.cpp): with
-    random masks the windowed loop breaks even with the expanding one at ~17% such windows (55%
-    sparsity) and is 1.3-1.9x faster at 70%; where the full windows sit in the same columns of every
-    row (Wanda's o_proj masks) the branch predictor learns them and it still wins at 25%.
+    benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use it). Only weights
+    whose share of 64-column windows with more than 32 nonzeros is at most ``window_max_overfull`` may
+    take the windowed decode loop (bitmask_linear.cpp). Which decode loop is fastest depends on the
+    machine, not only the CPU model: on one Zen 4 VM the windowed loop was 1.3-1.9x faster than the
+    expanding ones at one row and 70% sparsity and the streaming loop beat rows in flight by 1.2-1.8x;
+    on another, same model, rows in flight was 1.5x faster than streaming and 1.9x faster than windowed
+    at one row, while windowed still won at two. So ``decode_plan=None`` (the default) measures them
+    once per process (:func:`decode_plan`); a :class:`DecodePlan` fixes them.
     From ``decode_max_rows`` + 1 to ``pairs_max_rows`` rows, weights with at most ``pairs_max_density``
     nonzero column pairs (random masks: 0.51 at 70% sparsity, 0.64 at 60%) take the pair gather
     (bitmask_linear.cpp): at 70-80% it ran 0.85-1.16x of oneDNN on 32 and 64 rows where decompress +
@@ -168,7 +172,7 @@ class CpuTuning:
     pairs_max_rows: int = 64
     pairs_max_density: float = 0.55
     dense_decode_max_rows: int = 1
-    window_max_rows: int = 4
+    decode_plan: DecodePlan | None = None
     window_max_overfull: float = 0.15
     tile_bytes: int = 64 * 2**20
     tile_rows: int | None = None
@@ -178,6 +182,77 @@ class CpuTuning:
 
 
 TUNING = CpuTuning()
+ENV_DECODE_LOOP = "SPARSE_SERVE_DECODE_LOOP"
+LOOPS = {"rows": 0, "stream": 1, "window": 2}  # the decode loops of bitmask_linear.cpp (its Loop codes)
+MAX_PASS = 8  # activation rows per decode pass
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """The decode loop (a ``LOOPS`` code) for passes of 1 .. 8 activation rows, for windowed weights and
+    for the others (which cannot take the windowed loop)."""
+
+    windowed: tuple[int, ...]
+    plain: tuple[int, ...]
+
+    @classmethod
+    def uniform(cls, loop: str) -> "DecodePlan":
+        """One loop for every pass (the windowed one only for windowed weights; rows in flight otherwise)."""
+        code = LOOPS[loop]
+        return cls((code,) * MAX_PASS, ((code if loop != "window" else LOOPS["rows"]),) * MAX_PASS)
+
+    def names(self) -> dict[str, list[str]]:
+        by_code = {code: name for name, code in LOOPS.items()}
+        return {"windowed": [by_code[c] for c in self.windowed], "plain": [by_code[c] for c in self.plain]}
+
+
+def decode_plan() -> DecodePlan:
+    """The decode loops this process uses: ``TUNING.decode_plan`` if set, else ``$SPARSE_SERVE_DECODE_LOOP``
+    (``rows``, ``stream`` or ``window``: that loop wherever it applies, for reproducible runs), else the
+    fastest measured on this machine (:func:`calibrated_decode_plan`, once per process)."""
+    if TUNING.decode_plan is not None:
+        return TUNING.decode_plan
+    forced = os.environ.get(ENV_DECODE_LOOP, "").strip()
+    if forced and forced != "auto":
+        if forced not in LOOPS:
+            raise ValueError(f"${ENV_DECODE_LOOP}={forced!r} is not a decode loop; use one of {sorted(LOOPS)} or auto")
+        return DecodePlan.uniform(forced)
+    return calibrated_decode_plan()
+
+
+@functools.cache
+def calibrated_decode_plan(rounds: int = 7, calls: int = 10) -> DecodePlan:
+    """The fastest decode loop for passes of 1, 2 and 4 activation rows on this machine, timed on a
+    70%-sparse 256 x 2048 weight in cache (its windows qualify for the windowed loop; the streaming loop
+    fits 1-3 such rows in L1): the candidates alternate for ``rounds`` rounds of ``calls`` calls and the
+    fastest round of each counts (~50 ms). Passes of 3 rows take the 2-row choice; 5-8 rows take rows in
+    flight."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 2048, generator=gen).bfloat16()
+    weight[torch.rand(256, 2048, generator=gen) < 0.7] = 0
+    packed = pack_avx512(compress(weight))
+    decode = extension().bitmask_gemm_decode
+    best: dict[int, dict[str, float]] = {}
+    for rows in (1, 2, 4):
+        x = torch.randn(rows, 2048, generator=gen).bfloat16()
+        names = ["rows", "window"] + (["stream"] if rows * 2048 * 2 <= 12 * 1024 else [])
+        best[rows] = {name: float("inf") for name in names}
+        for _ in range(rounds):
+            for name in names:
+                loops = [LOOPS[name]] * MAX_PASS
+                start = time.perf_counter()
+                for _ in range(calls):
+                    decode(x, packed.masks, packed.values, packed.row_offsets, None, loops)
+                best[rows][name] = min(best[rows][name], time.perf_counter() - start)
+
+    def fastest(rows: int, windowed: bool) -> int:
+        times = {name: t for name, t in best[rows].items() if windowed or name != "window"}
+        return LOOPS[min(times, key=times.__getitem__)]
+
+    measured = (1, 2, 2, 4)  # the pass size measured for passes of 1..4 rows
+    wide = (LOOPS["rows"],) * (MAX_PASS - len(measured))
+    return DecodePlan(tuple(fastest(r, True) for r in measured) + wide,
+                      tuple(fastest(r, False) for r in measured) + wide)
 
 
 def decompress_rows(packed: PackedBitmask, begin: int, end: int, out: Tensor | None = None) -> Tensor:
@@ -203,8 +278,9 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
     sparse enough weight, tiled decompress + GEMM otherwise."""
     _check_input(x, packed.shape)
     if x.shape[0] <= TUNING.decode_max_rows:
-        window = TUNING.window_max_rows if packed.windowed else 0
-        return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, window)
+        plan = decode_plan()
+        loops = list(plan.windowed if packed.windowed else plan.plain)
+        return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, loops)
     if x.shape[0] <= TUNING.pairs_max_rows and packed.pair_density <= TUNING.pairs_max_density:
         return extension().bitmask_gemm_pairs(x, packed.masks, packed.values, packed.row_offsets, bias)
     n, k = packed.shape

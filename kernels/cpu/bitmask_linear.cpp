@@ -8,13 +8,14 @@
 //
 // Decode (few activation rows): each 32-column chunk of a weight row is one 64-byte load of packed
 // values, expanded in a register by the chunk's mask (vpexpandw, AVX512-VBMI2), then multiplied with
-// every activation row by vdpbf16ps (AVX512-BF16, float32 accumulation). While the activations fit in
-// L1, weight rows are taken one at a time so the compressed weight is one sequential stream; larger
-// activations keep several weight rows in flight and share each activation load between them. For
-// weights sparse enough that a 64-column window rarely holds more than 32 nonzeros, passes of up to 4
-// rows take the windowed loop instead: the window's mask compressed to column indices, the activations
-// permuted to the packed values (window_rows; one vpcompressb per 64 columns instead of two vpexpandw). Sums
-// are rounded to bf16 (bias added) in the same parallel task, so a call is one pass.
+// every activation row by vdpbf16ps (AVX512-BF16, float32 accumulation). Three loops do this, and the
+// caller names one per pass size (Loop; measured per machine): several weight rows in flight sharing
+// each activation load (gemv_rows); one weight row at a time, so the compressed weight is one sequential
+// stream, while the activations fit in L1 (stream_rows); and, for weights sparse enough that a 64-column
+// window rarely holds more than 32 nonzeros, the windowed loop: the window's mask compressed to column
+// indices, the activations permuted to the packed values (window_rows; one vpcompressb per 64 columns
+// instead of two vpexpandw). Sums are rounded to bf16 (bias added) in the same parallel task, so a call
+// is one pass.
 // A few dozen activation rows: the pair gather (bitmask_gemm_pairs) multiplies only the column pairs
 // holding a nonzero, 16 activation rows per vdpbf16ps (see pair_rows).
 // Decompress: the same expand, stored to a dense [rows, K] bf16 tile (the prefill path runs a dense
@@ -300,17 +301,20 @@ constexpr RowsFn kWindow[kMaxBlock] = {
 };
 
 // The windowed loop re-reads each activation row's window per weight row too, and its permutes grow with
-// the activation rows while the expands it saves do not: measured against stream_rows at 70% on Zen 4,
-// 1.3-1.9x faster at one row, 1.5-1.7x at two, 1.05-1.25x at four (1536 columns), slower at eight or
-// beyond 16 KiB of activations.
+// the activation rows while the expands it saves do not; beyond 16 KiB of activations it loses.
 constexpr int64_t kWindowMaxActBytes = 16 * 1024;
 
-// The loop for a pass of mb activation rows of width k; windowed for mb <= window_max_rows when they fit.
-RowsFn rows_fn(int64_t mb, int64_t k, int64_t window_max_rows) {
+// Which of the three decode loops serves a pass of mb rows is chosen per machine (kernels/cpu/__init__.py
+// measures them once per process): the same Zen 4 model has been seen to favour the streaming loop on
+// one VM and rows in flight on another, by 1.5x either way. A loop whose activation budget the pass
+// exceeds falls back to rows in flight, which has none.
+enum Loop : int64_t { kRowsLoop = 0, kStreamLoop = 1, kWindowLoop = 2 };
+
+RowsFn rows_fn(int64_t mb, int64_t k, int64_t loop) {
   const int64_t act_bytes = mb * k * static_cast<int64_t>(sizeof(bf16));
-  if (mb <= window_max_rows && act_bytes <= kWindowMaxActBytes) return kWindow[mb - 1];
-  const bool stream = act_bytes <= kStreamMaxActBytes;
-  return (stream ? kStream : kRows)[mb - 1];
+  if (loop == kWindowLoop && act_bytes <= kWindowMaxActBytes) return kWindow[mb - 1];
+  if (loop == kStreamLoop && act_bytes <= kStreamMaxActBytes) return kStream[mb - 1];
+  return kRows[mb - 1];
 }
 
 void check_packed(const torch::Tensor& masks, const torch::Tensor& values, const torch::Tensor& row_offsets,
@@ -455,13 +459,15 @@ constexpr PairFn kPairs[kPairMaxGroups] = {pair_rows<1>, pair_rows<2>, pair_rows
 }  // namespace
 
 // x [M, K] bf16, packed weight [N, K], bias [N] bf16 or None -> y [M, N] bf16 (float32 accumulation);
-// passes of at most window_max_rows activation rows take the windowed loop (0: never).
+// loops[mb - 1] is the loop (Loop) for a pass of mb activation rows (passes of up to 8 rows).
 torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& masks, const torch::Tensor& values,
                                   const torch::Tensor& row_offsets, const c10::optional<torch::Tensor>& bias,
-                                  int64_t window_max_rows) {
+                                  const std::vector<int64_t>& loops) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be bfloat16 [M, K]");
   const int64_t m_rows = x.size(0), k = x.size(1), n = masks.size(0), kc = masks.size(1);
   check_packed(masks, values, row_offsets, k);
+  TORCH_CHECK(static_cast<int64_t>(loops.size()) == kMaxBlock, "loops must name a loop for each of 1..", kMaxBlock,
+              " rows, got ", loops.size());
   // activations padded to whole chunks with zeros (the padding bits of the masks are zero too)
   torch::Tensor xp = x;
   if (k % kChunk != 0 || !x.is_contiguous()) {
@@ -482,7 +488,7 @@ torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& m
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxBlock) {
       const int64_t mb = std::min<int64_t>(kMaxBlock, m_rows - m0);
-      rows_fn(mb, x_stride, window_max_rows)(mp, vp, op, xbase + m0 * x_stride, x_stride, kc, begin, end, out + m0 * n, n);
+      rows_fn(mb, x_stride, loops[mb - 1])(mp, vp, op, xbase + m0 * x_stride, x_stride, kc, begin, end, out + m0 * n, n);
     }
     store_rows(out, bias_p, yp, m_rows, n, begin, end);
   });
@@ -587,7 +593,7 @@ void bitmask_decompress_into(const torch::Tensor& masks, const torch::Tensor& va
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmask_gemm_decode", &bitmask_gemm_decode, "y = x W^T + b, W packed bitmask (AVX-512 BF16)",
         py::arg("x"), py::arg("masks"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"),
-        py::arg("window_max_rows") = 0);
+        py::arg("loops"));
   m.def("bitmask_gemm_pairs", &bitmask_gemm_pairs, "y = x W^T + b, W packed bitmask, many rows of x (pair gather)",
         py::arg("x"), py::arg("masks"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"));
   m.def("dense_gemm_decode", &dense_gemm_decode, "y = x W^T + b for a few rows of x, W dense bf16 (AVX-512 BF16)");

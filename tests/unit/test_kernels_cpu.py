@@ -40,9 +40,9 @@ def assert_close_bf16(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.fixture()
 def tuning():
-    saved = (cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.pairs_max_rows)
+    saved = (cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.pairs_max_rows, cpu.TUNING.decode_plan)
     yield cpu.TUNING
-    cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.pairs_max_rows = saved
+    cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.pairs_max_rows, cpu.TUNING.decode_plan = saved
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)
@@ -73,16 +73,38 @@ def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
 
 
+@pytest.mark.parametrize("loop", sorted(cpu.LOOPS))
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 13])
-@pytest.mark.parametrize("k", [72, 1000])  # activations that fit the streaming loop's L1 budget, and wider
-def test_avx512_decode_loops(m, k):
-    """The one-row streaming loop and the rows-in-flight loop of the decode kernel (chosen by M x K)."""
+@pytest.mark.parametrize("k", [72, 1000, 9000])  # activations within both L1 budgets, within one, within none
+def test_avx512_decode_loops(tuning, loop, m, k):
+    """Each decode loop, forced for every pass, equals the reference (over its activation budget it falls
+    back to rows in flight)."""
     kernel = kernel_or_skip("cpu_avx512")
-    w = sparse_weight(21, k, 0.6, seed=k + m)
+    tuning.decode_plan = cpu.DecodePlan.uniform(loop)
+    w = sparse_weight(21, k, 0.7, seed=k + m)
     x = torch.randn(m, k).bfloat16()
     bias = torch.randn(21).bfloat16()
     bitmask = compress(w)
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
+
+
+def test_decode_plan_is_measured_once_or_forced(tuning, monkeypatch):
+    """The measured plan names a loop for every pass size, never the windowed one for plain weights; the
+    environment or TUNING force one, and a misspelt loop is refused with the choices."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    monkeypatch.delenv(cpu.ENV_DECODE_LOOP, raising=False)
+    plan = cpu.decode_plan()
+    assert plan is cpu.decode_plan()  # cached for the process
+    assert len(plan.windowed) == len(plan.plain) == cpu.MAX_PASS
+    assert set(plan.windowed) <= set(cpu.LOOPS.values()) and cpu.LOOPS["window"] not in plan.plain
+    monkeypatch.setenv(cpu.ENV_DECODE_LOOP, "stream")
+    assert cpu.decode_plan() == cpu.DecodePlan.uniform("stream")
+    monkeypatch.setenv(cpu.ENV_DECODE_LOOP, "windowed")
+    with pytest.raises(ValueError, match="rows.*stream.*window"):
+        cpu.decode_plan()
+    tuning.decode_plan = cpu.DecodePlan.uniform("window")
+    assert cpu.decode_plan().plain == (cpu.LOOPS["rows"],) * cpu.MAX_PASS
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])  # 0 and 0.5: windows of more than 32 nonzeros
@@ -97,7 +119,8 @@ def test_windowed_decode_loop_for_every_pass_size(sparsity, n, k):
     bias = torch.randn(n).bfloat16()
     for m in (1, 2, 3, 4, 5, 8, 11):
         x = torch.randn(m, k).bfloat16()
-        y = cpu.extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, 8)
+        y = cpu.extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias,
+                                                [cpu.LOOPS["window"]] * cpu.MAX_PASS)
         assert_close_bf16(y, bitmask_linear_reference(x, compress(w), bias))
 
 
@@ -111,14 +134,14 @@ def test_pack_chooses_the_windowed_loop_when_few_windows_overflow(monkeypatch):
     full = torch.zeros(2, 8, dtype=torch.uint8)
     full[0] = 255  # row 0: both windows full (64 of 64); row 1 empty
     assert cpu.overfull_windows(full) == 0.5
-    calls = []
+    plan, calls = cpu.decode_plan(), []  # measured before the extension is replaced
     decode = cpu.extension().bitmask_gemm_decode
     monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {"bitmask_gemm_decode": staticmethod(
         lambda *a: calls.append(a[-1]) or decode(*a))}))
     x = torch.randn(1, 256).bfloat16()
     cpu.apply_avx512(x, cpu.pack_avx512(sparse))
     cpu.apply_avx512(x, cpu.pack_avx512(dense))
-    assert calls == [cpu.TUNING.window_max_rows, 0]
+    assert calls == [list(plan.windowed), list(plan.plain)]
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])
