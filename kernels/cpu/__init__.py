@@ -228,7 +228,7 @@ def calibrated_decode_plan(rows: int = 32768, cols: int = 2048, rounds: int = 5)
     call reads it from memory (timed in cache instead, rows in flight wins where it loses 2x from memory).
     Its windows qualify for the windowed loop and the streaming loop fits 1-3 of its activation rows in L1.
     The candidates alternate for ``rounds`` rounds, the fastest call of each counts (~0.3 s, once per
-    process). Passes of 3 rows take the 2-row choice; 5-8 rows take rows in flight."""
+    process). Passes of 3-8 rows take the 2-row choice, the windowed loop only up to 4 rows."""
     packed = random_packed(rows, cols, torch.Generator().manual_seed(0))
     decode = extension().bitmask_gemm_decode
     best: dict[int, dict[str, float]] = {}
@@ -246,10 +246,14 @@ def calibrated_decode_plan(rows: int = 32768, cols: int = 2048, rounds: int = 5)
         times = {name: t for name, t in best[m].items() if windowed or name != "window"}
         return LOOPS[min(times, key=times.__getitem__)]
 
-    measured = (1, 2, 2, 4)  # the pass size measured for passes of 1..4 rows
-    wide = (LOOPS["rows"],) * (MAX_PASS - len(measured))
-    return DecodePlan(tuple(fastest(m, True) for m in measured) + wide,
-                      tuple(fastest(m, False) for m in measured) + wide)
+    # passes of 3-8 rows: the 2-row choice between streaming and rows in flight (streaming falls back to
+    # rows in flight where the pass exceeds its budget, as it does at 4 rows of this weight); windowed
+    # weights take the windowed loop for 2-4 rows where it won there
+    plain = (fastest(1, False),) + (fastest(2, False),) * (MAX_PASS - 1)
+    window = LOOPS["window"]
+    windowed = tuple(window if m <= 4 and fastest(measured, True) == window else plain[m - 1]
+                     for m, measured in zip(range(1, MAX_PASS + 1), (1, 2, 2, 4, 4, 4, 4, 4)))
+    return DecodePlan(windowed, plain)
 
 
 def random_packed(rows: int, cols: int, gen: torch.Generator) -> PackedBitmask:
