@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: the facts every final JSON line records.
+"""Shared by the benchmark scripts: the facts every final JSON line records, and the sparse checkpoint they share.
 
 Every script imports this module first: ``python benchmarks/X.py`` puts this folder at the head of
 ``sys.path``, where ``benchmarks/kernels.py`` would shadow the ``kernels`` package, so importing
@@ -27,3 +27,15 @@ def run_facts() -> dict:
             "loadavg": os.getloadavg(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
+
+
+def sparse_checkpoint(path: Path | None) -> Path:
+    """The Wanda 70% SmolLM2 checkpoint (pruned into the cache the first time, about 3 minutes)."""
+    if path is not None:
+        return path
+    out = Path.home() / ".cache" / "sparse-serve" / "bench" / "smollm2-wanda-70"
+    if not (out / "prune_report.json").exists():
+        subprocess.run([sys.executable, "-m", "compress.cli", "prune", "smollm2-135m-instruct", "-o", str(out),
+                        "--method", "wanda", "--sparsity", "0.7"] + (["--resume"] if out.with_suffix(".partial").exists() else []),
+                       check=True)
+    return out

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import run_facts
+from common import run_facts, sparse_checkpoint
 
 QUESTIONS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Write a haiku about rain.",
@@ -117,18 +117,6 @@ class HFGenerate:
             start = time.perf_counter()
             self.model.generate(self.ids, max_new_tokens=n, min_new_tokens=n, **self.kwargs)
         return n / (time.perf_counter() - start)
-
-
-def sparse_checkpoint(path: Path | None) -> Path:
-    """The Wanda 70% SmolLM2 checkpoint (pruned into the cache the first time, about 3 minutes)."""
-    if path is not None:
-        return path
-    out = Path.home() / ".cache" / "sparse-serve" / "bench" / "smollm2-wanda-70"
-    if not (out / "prune_report.json").exists():
-        subprocess.run([sys.executable, "-m", "compress.cli", "prune", "smollm2-135m-instruct", "-o", str(out),
-                        "--method", "wanda", "--sparsity", "0.7"] + (["--resume"] if out.with_suffix(".partial").exists() else []),
-                       check=True)
-    return out
 
 
 class Server:
