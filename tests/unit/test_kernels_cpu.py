@@ -88,6 +88,23 @@ def test_avx512_decode_loops(tuning, loop, m, k):
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
 
 
+def test_random_packed_weight_is_consistent():
+    """The calibration's synthetic weight: ~25% of its mask bits set, row offsets the running popcount, and
+    the kernel's product equal to the product with its decompressed rows."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    packed = cpu.random_packed(48, 256, torch.Generator().manual_seed(3))
+    dense = cpu.decompress_rows(packed, 0, 48)  # [48, 256]
+    assert 0.2 < float((dense != 0).float().mean()) < 0.3
+    counts = (dense != 0).sum(1)
+    assert torch.equal(packed.row_offsets, torch.cumsum(counts, 0) - counts)
+    assert packed.values.numel() == int(counts.sum()) + cpu.CHUNK
+    x = torch.randn(3, 256).bfloat16()
+    y = cpu.extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, None,
+                                            [cpu.LOOPS["rows"]] * cpu.MAX_PASS)
+    assert_close_bf16(y, (x.float() @ dense.float().T).bfloat16())
+
+
 def test_decode_plan_is_measured_once_or_forced(tuning, monkeypatch):
     """The measured plan names a loop for every pass size, never the windowed one for plain weights; the
     environment or TUNING force one, and a misspelt loop is refused with the choices."""
