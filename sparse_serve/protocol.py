@@ -405,9 +405,16 @@ def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
+# Characters JSON leaves raw but str.splitlines() breaks lines at, as SSE clients built on it do (httpx's
+# iter_lines): a token that decodes to one of them would cut its event in two.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any]) -> str:
-    """One server-sent event: ``data: <json>\\n\\n``."""
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One server-sent event: ``data: <json>\\n\\n``, UTF-8, with the line separators JSON would keep raw
+    (NEL, U+2028, U+2029) escaped, so the event is one line for every client."""
+    text = json.dumps(data, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS_JSON_KEEPS)
+    return f"data: {text}\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

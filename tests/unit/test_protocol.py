@@ -237,6 +237,15 @@ def test_chat_stream_chunks_parse_with_openai():
     assert "é" in sse({"t": "é"})  # UTF-8, not \\u escapes
 
 
+def test_sse_event_is_one_line_whatever_the_text():
+    """Every character str.splitlines() breaks at (httpx's iter_lines does) stays inside one event line."""
+    breaks = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+    data = {"choices": [{"text": f"a{breaks}b é"}]}
+    event = sse(data)
+    assert event[:-2].splitlines() == [event[:-2]] and event.endswith("\n\n")
+    assert json.loads(event[len("data: "):]) == data
+
+
 def test_completion_response_and_chunks_parse_with_openai(tiny_tokenizer):
     ids = tiny_tokenizer.encode("a世", add_special_tokens=False) + [tiny_tokenizer.eos_token_id]
     entries = [TokenLogprob(i, -0.25, [(i, -0.25), (70, -2.0)]) for i in ids]
