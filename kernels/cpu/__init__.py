@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.bitmask import BitmaskTensor, as_int32_bits, bitmask_words, word_popcounts
+from kernels.bitmask import BitmaskTensor, bitmask_words, word_popcounts
 from kernels.registry import Kernel, register
 
 CHUNK = 32  # bf16 lanes of one AVX-512 register
@@ -134,9 +134,8 @@ def pair_density(bitmask: Tensor) -> float:
     Counted over whole bytes (4 pairs each); the zero padding bits of the last byte count as empty pairs."""
     if bitmask.numel() == 0:
         return 0.0
-    pairs = ((bitmask | (bitmask >> 1)) & 0x55).to(torch.int64)  # bit 2j: pair j of the byte holds a nonzero
-    live = sum(int(((pairs >> (2 * j)) & 1).sum()) for j in range(4))
-    return live / (4 * bitmask.numel())
+    pairs = (bitmask | (bitmask >> 1)) & 0x55  # bit 2j set: pair j of the byte holds a nonzero
+    return int(word_popcounts(pairs, 8 * bitmask.shape[1]).sum()) / (4 * bitmask.numel())
 
 
 def overfull_windows(bitmask: Tensor) -> float:
@@ -259,19 +258,14 @@ def calibrated_decode_plan(rows: int = 32768, cols: int = 2048, rounds: int = 5)
 def random_packed(rows: int, cols: int, gen: torch.Generator) -> PackedBitmask:
     """A random 75%-sparse packed weight built word by word (each mask bit the AND of two random bits), so
     a weight larger than the caches costs no dense tensor. ``cols`` must be a multiple of 32."""
-    words = cols // CHUNK
-    masks = torch.randint(0, 2**32, (rows, words), generator=gen) & torch.randint(0, 2**32, (rows, words), generator=gen)
-    counts = _popcount32(masks).sum(1)  # [rows] nonzeros per row
+    def random_bytes() -> Tensor:
+        return torch.randint(0, 256, (rows, cols // 8), dtype=torch.uint8, generator=gen)
+
+    bitmask = random_bytes() & random_bytes()  # uint8 [rows, cols/8]
+    counts = word_popcounts(bitmask, cols).sum(1)  # [rows] nonzeros per row
     values = torch.randn(int(counts.sum()) + CHUNK, generator=gen).bfloat16()
-    return PackedBitmask((rows, cols), as_int32_bits(masks).contiguous(), values, torch.cumsum(counts, 0) - counts, True)
-
-
-def _popcount32(v: Tensor) -> Tensor:
-    """Set bits of each 32-bit value held in int64 (SWAR)."""
-    v = v - ((v >> 1) & 0x55555555)
-    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-    v = (v + (v >> 4)) & 0x0F0F0F0F
-    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+    return PackedBitmask((rows, cols), bitmask_words(bitmask, cols).contiguous(), values,
+                         torch.cumsum(counts, 0) - counts, True)
 
 
 def decompress_rows(packed: PackedBitmask, begin: int, end: int, out: Tensor | None = None) -> Tensor:
