@@ -119,6 +119,60 @@ def test_paged_decode_matches_attention_over_the_gathered_context(ops, dtype):
         torch.testing.assert_close(out[b].float(), (probs @ values).squeeze(1), **tol)
 
 
+def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                        lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain float32 softmax attention of each sequence over its own gathered positions: [B, Hq, d]."""
+    out = []
+    group = q.shape[1] // k_cache.shape[2]
+    for b in range(q.shape[0]):
+        keys = gather_blocks(k_cache, tables[b:b + 1])[0, :, : lens[b]].float().repeat_interleave(group, 0)
+        values = gather_blocks(v_cache, tables[b:b + 1])[0, :, : lens[b]].float().repeat_interleave(group, 0)
+        probs = torch.softmax(q[b].float().unsqueeze(1) @ keys.transpose(1, 2) * scale, dim=-1)  # [Hq, 1, L]
+        out.append((probs @ values).squeeze(1))
+    return torch.stack(out)
+
+
+# bf16 with d 64 or 128 takes register-resident passes of up to 4 (d 64) or 2 (d 128) query heads per KV head:
+# groups that fill them, leave a remainder, or are smaller; contexts within a block, across blocks, and long
+# enough to be split into spans attended in parallel
+@pytest.mark.parametrize("d,group", [(64, 1), (64, 3), (64, 4), (64, 6), (128, 1), (128, 3), (128, 5)])
+def test_paged_decode_register_passes_match_attention(d, group):
+    fused = cpu_fused_ops()
+    if fused is None:
+        pytest.skip("the fused CPU extension could not be compiled here")
+    torch.manual_seed(d + group)
+    blocks, bs, hk = 80, 16, 2
+    k_cache, v_cache = torch.randn(blocks, bs, hk, d).bfloat16(), torch.randn(blocks, bs, hk, d).bfloat16()
+    tables = torch.randperm(blocks)[:75].view(3, 25)  # each sequence's blocks scattered over the cache
+    lens = torch.tensor([1, 37, 400])
+    q = torch.randn(3, hk * group, d).bfloat16()
+    expected = attention_reference(q, k_cache, v_cache, tables, lens, 0.125)
+    out = fused.paged_decode(q, k_cache, v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    alone = fused.paged_decode(q[2:], k_cache, v_cache, tables[2:], lens[2:], 0.125)  # one sequence: split in spans
+    torch.testing.assert_close(alone.float(), expected[2:], atol=2e-2, rtol=2e-2)
+
+
+def test_paged_decode_spans_merge_to_the_single_pass_result():
+    fused = cpu_fused_ops()
+    if fused is None:
+        pytest.skip("the fused CPU extension could not be compiled here")
+    torch.manual_seed(5)
+    k_cache, v_cache = torch.randn(64, 16, 3, 64).bfloat16() * 3, torch.randn(64, 16, 3, 64).bfloat16()
+    tables, lens, q = torch.arange(64).view(1, 64), torch.tensor([1000]), torch.randn(1, 9, 64).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)  # four spans of 250 positions
+        spans = fused.paged_decode(q, k_cache, v_cache, tables, lens, 0.125)
+        torch.set_num_threads(1)  # one pass
+        single = fused.paged_decode(q, k_cache, v_cache, tables, lens, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(spans.float(), single.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(single.float(), attention_reference(q, k_cache, v_cache, tables, lens, 0.125),
+                               atol=2e-2, rtol=2e-2)
+
+
 def test_the_compiled_ops_reject_bad_shapes_with_the_reason():
     fused = cpu_fused_ops()
     if fused is None:
