@@ -208,16 +208,28 @@ class DecodePlan:
 
 def decode_plan() -> DecodePlan:
     """The decode loops this process uses: ``TUNING.decode_plan`` if set, else ``$SPARSE_SERVE_DECODE_LOOP``
-    (``rows``, ``stream`` or ``window``: that loop wherever it applies, for reproducible runs), else the
-    fastest measured on this machine (:func:`calibrated_decode_plan`, once per process)."""
+    (``rows``, ``stream`` or ``window``: that loop wherever it applies, for reproducible runs; read at the
+    first decode, :func:`forget_decode_env` reads it again), else the fastest measured on this machine
+    (:func:`calibrated_decode_plan`, once per process). Called on every decode, so it reads no environment."""
     if TUNING.decode_plan is not None:
         return TUNING.decode_plan
+    return forced_decode_plan() or calibrated_decode_plan()
+
+
+@functools.cache
+def forced_decode_plan() -> DecodePlan | None:
+    """The plan ``$SPARSE_SERVE_DECODE_LOOP`` forces (None when unset or ``auto``), read once per process."""
     forced = os.environ.get(ENV_DECODE_LOOP, "").strip()
-    if forced and forced != "auto":
-        if forced not in LOOPS:
-            raise ValueError(f"${ENV_DECODE_LOOP}={forced!r} is not a decode loop; use one of {sorted(LOOPS)} or auto")
-        return DecodePlan.uniform(forced)
-    return calibrated_decode_plan()
+    if not forced or forced == "auto":
+        return None
+    if forced not in LOOPS:
+        raise ValueError(f"${ENV_DECODE_LOOP}={forced!r} is not a decode loop; use one of {sorted(LOOPS)} or auto")
+    return DecodePlan.uniform(forced)
+
+
+def forget_decode_env() -> None:
+    """Read ``$SPARSE_SERVE_DECODE_LOOP`` again at the next decode (the measured plan stays cached)."""
+    forced_decode_plan.cache_clear()
 
 
 @functools.cache
@@ -292,7 +304,7 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
     _check_input(x, packed.shape)
     if x.shape[0] <= TUNING.decode_max_rows:
         plan = decode_plan()
-        loops = list(plan.windowed if packed.windowed else plan.plain)
+        loops = plan.windowed if packed.windowed else plan.plain  # a tuple: the binding takes any sequence
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, loops)
     if x.shape[0] <= TUNING.pairs_max_rows and packed.pair_density <= TUNING.pairs_max_density:
         return extension().bitmask_gemm_pairs(x, packed.masks, packed.values, packed.row_offsets, bias)

@@ -111,17 +111,25 @@ def test_decode_plan_is_measured_once_or_forced(tuning, monkeypatch):
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
     monkeypatch.delenv(cpu.ENV_DECODE_LOOP, raising=False)
+    cpu.forget_decode_env()
     plan = cpu.decode_plan()
     assert plan is cpu.decode_plan()  # cached for the process
     assert len(plan.windowed) == len(plan.plain) == cpu.MAX_PASS
     assert set(plan.windowed) <= set(cpu.LOOPS.values()) and cpu.LOOPS["window"] not in plan.plain
-    monkeypatch.setenv(cpu.ENV_DECODE_LOOP, "stream")
-    assert cpu.decode_plan() == cpu.DecodePlan.uniform("stream")
-    monkeypatch.setenv(cpu.ENV_DECODE_LOOP, "windowed")
-    with pytest.raises(ValueError, match="rows.*stream.*window"):
-        cpu.decode_plan()
-    tuning.decode_plan = cpu.DecodePlan.uniform("window")
-    assert cpu.decode_plan().plain == (cpu.LOOPS["rows"],) * cpu.MAX_PASS
+    try:
+        monkeypatch.setenv(cpu.ENV_DECODE_LOOP, "stream")
+        assert cpu.decode_plan() is plan  # the environment is read once per process ...
+        cpu.forget_decode_env()  # ... or when told to
+        assert cpu.decode_plan() == cpu.DecodePlan.uniform("stream")
+        monkeypatch.setenv(cpu.ENV_DECODE_LOOP, "windowed")
+        cpu.forget_decode_env()
+        with pytest.raises(ValueError, match="rows.*stream.*window"):
+            cpu.decode_plan()
+        tuning.decode_plan = cpu.DecodePlan.uniform("window")
+        assert cpu.decode_plan().plain == (cpu.LOOPS["rows"],) * cpu.MAX_PASS
+    finally:
+        monkeypatch.delenv(cpu.ENV_DECODE_LOOP)
+        cpu.forget_decode_env()
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])  # 0 and 0.5: windows of more than 32 nonzeros
