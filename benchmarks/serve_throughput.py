@@ -124,8 +124,10 @@ class Server:
 
     def __init__(self, model: str, port: int, extra: list[str]):
         self.url = f"http://127.0.0.1:{port}"
+        # run from the repository root: started in benchmarks/, ``-m`` would import benchmarks/kernels.py as
+        # the ``kernels`` package
         self.proc = subprocess.Popen([sys.executable, "-m", "sparse_serve.cli", model, "--port", str(port),
-                                      "--log-level", "warning", *extra])
+                                      "--log-level", "warning", *extra], cwd=Path(__file__).resolve().parents[1])
 
     def __enter__(self) -> "Server":
         import httpx
