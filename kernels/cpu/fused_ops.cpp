@@ -245,6 +245,17 @@ inline void accumulate_value(const T* v, const float* p, int64_t p_stride, int64
     for (int64_t g = 0; g < group; ++g) acc[g * d + i] += p[g * p_stride] * widen(v[i]);
 }
 
+// scores [hq, span] -> exp(score - mx[h]) in place, total[h] their sum (the span's unnormalized softmax)
+inline void softmax_weights(float* scores, int64_t span, int64_t hq, const float* mx, float* total) {
+  for (int64_t h = 0; h < hq; ++h) {
+    float* sh = scores + h * span;
+    for (int64_t j = 0; j < span; ++j) sh[j] -= mx[h];
+    exp_inplace(sh, span, span);
+    total[h] = 0.f;
+    for (int64_t j = 0; j < span; ++j) total[h] += sh[j];
+  }
+}
+
 #if defined(__AVX512BF16__)
 // The register-resident passes for bf16 with d = 16 * DV (64 or 128): CH query heads of one KV head walk the
 // span together, their queries (scores) or value sums (values) held in registers, the KV head's slice of
@@ -346,13 +357,7 @@ inline bool decode_span_passes(const bf16_t* q, int64_t q_head_stride, int64_t h
       score[ch - 1](q + h * q_head_stride, q_head_stride, k_cache, table, begin, end, bs, hk, kv, scale,
                     scores + h * span, span, mx + h);
     }
-  for (int64_t h = 0; h < hq; ++h) {
-    float* sh = scores + h * span;
-    for (int64_t j = 0; j < span; ++j) sh[j] -= mx[h];
-    exp_inplace(sh, span, span);
-    total[h] = 0.f;
-    for (int64_t j = 0; j < span; ++j) total[h] += sh[j];
-  }
+  softmax_weights(scores, span, hq, mx, total);
   for (int64_t kv = 0; kv < hk; ++kv)
     for (int64_t g = 0; g < group; g += most) {
       const int64_t h = kv * group + g, ch = std::min(most, group - g);
@@ -385,16 +390,11 @@ void decode_span(const T* q, int64_t q_head_stride, int64_t hq, int64_t hk, cons
   if (!bf16_dots)
     for (int64_t h = 0; h < hq; ++h)
       for (int64_t i = 0; i < d; ++i) qf[h * d + i] = widen(q[h * q_head_stride + i]) * scale;
-  for (int64_t h = 0; h < hq; ++h) mx[h] = -INFINITY, total[h] = 0.f;
+  for (int64_t h = 0; h < hq; ++h) mx[h] = -INFINITY;
   for_each_position(table, begin, end, bs, [&](int64_t j, int64_t slot) {
     score_row(q, q_head_stride, qf, k_cache + slot * hk * d, hk, group, d, scale, bf16_dots, scores, span, j, mx);
   }, [&](int64_t next) { prefetch_block(k_cache, next, bs, row_bytes, 0, row_bytes); });
-  for (int64_t h = 0; h < hq; ++h) {
-    float* sh = scores + h * span;
-    for (int64_t j = 0; j < span; ++j) sh[j] -= mx[h];
-    exp_inplace(sh, span, span);
-    for (int64_t j = 0; j < span; ++j) total[h] += sh[j];
-  }
+  softmax_weights(scores, span, hq, mx, total);
   std::fill(acc, acc + hq * d, 0.f);
   for_each_position(table, begin, end, bs, [&](int64_t j, int64_t slot) {
     const T* vj = v_cache + slot * hk * d;
