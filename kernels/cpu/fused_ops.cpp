@@ -227,17 +227,19 @@ template <typename T>
 inline void accumulate_value(const T* v, const float* p, int64_t p_stride, int64_t group, int64_t d, float* acc) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  for (; i + 16 <= d; i += 16) {
-    __m512 wide;
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i));
-      wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16 -> float: a shift
-    } else {
-      wide = _mm512_loadu_ps(v + i);
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      float* a = acc + g * d + i;
-      _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * p_stride]), wide, _mm512_loadu_ps(a)));
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {  // double: the scalar loop
+    for (; i + 16 <= d; i += 16) {
+      __m512 wide;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i));
+        wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16 -> float: a shift
+      } else {
+        wide = _mm512_loadu_ps(v + i);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* a = acc + g * d + i;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * p_stride]), wide, _mm512_loadu_ps(a)));
+      }
     }
   }
 #endif

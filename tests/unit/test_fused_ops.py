@@ -153,6 +153,19 @@ def test_paged_decode_register_passes_match_attention(d, group):
     torch.testing.assert_close(alone.float(), expected[2:], atol=2e-2, rtol=2e-2)
 
 
+def test_paged_decode_takes_float64_too():
+    """The compiled op dispatches float64 as well: its value sums must not go through the float32 vector loads."""
+    fused = cpu_fused_ops()
+    if fused is None:
+        pytest.skip("the fused CPU extension could not be compiled here")
+    torch.manual_seed(6)
+    k_cache, v_cache = torch.randn(8, 16, 2, 64, dtype=torch.float64), torch.randn(8, 16, 2, 64, dtype=torch.float64)
+    tables, lens, q = torch.arange(8)[None], torch.tensor([100]), torch.randn(1, 4, 64, dtype=torch.float64)
+    out = fused.paged_decode(q, k_cache, v_cache, tables, lens, 0.125)
+    expected = attention_reference(q, k_cache, v_cache, tables, lens, 0.125)
+    torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_paged_decode_spans_merge_to_the_single_pass_result():
     fused = cpu_fused_ops()
     if fused is None:
