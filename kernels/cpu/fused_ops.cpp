@@ -221,6 +221,14 @@ inline void score_row(const T* q, int64_t q_head_stride, const float* qf, const 
   }
 }
 
+#if defined(__AVX512F__)
+inline __m512 widen16(const c10::BFloat16* v) {  // 16 bf16 -> float: a shift
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 widen16(const float* v) { return _mm512_loadu_ps(v); }
+#endif
+
 // acc[g, :] += p[g * p_stride] * v for the g < group query heads sharing one value row v [d]: the row is
 // widened once for the whole group (16 lanes at a time where AVX-512 is compiled in and d allows).
 template <typename T>
@@ -229,13 +237,7 @@ inline void accumulate_value(const T* v, const float* p, int64_t p_stride, int64
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {  // double: the scalar loop
     for (; i + 16 <= d; i += 16) {
-      __m512 wide;
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i));
-        wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16 -> float: a shift
-      } else {
-        wide = _mm512_loadu_ps(v + i);
-      }
+      const __m512 wide = widen16(v + i);
       for (int64_t g = 0; g < group; ++g) {
         float* a = acc + g * d + i;
         _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * p_stride]), wide, _mm512_loadu_ps(a)));
@@ -274,11 +276,6 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
                                     _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));  // a b c d per 128 bits
   const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-}
-
-inline __m512 widen16(const bf16_t* v) {  // 16 bf16 -> float: a shift
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 // scores[c * span + j] = scale * q_c . k_j for heads c < CH (q_c at q + c * q_head_stride), maxima into mx[c]
@@ -573,7 +570,8 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
       }
     });
     // merge each sequence's spans: out = sum_s w_s acc_s / sum_s w_s total_s, w_s = exp(mx_s - max_s mx_s)
-    // (one span: w = 1, exactly the single-pass result)
+    // (one span: w = exp(0) = 1, exactly the single-pass result)
+    std::vector<float> merged(d);
     for (int64_t t0 = 0; t0 < n_tasks;) {
       int64_t t1 = t0;
       while (t1 < n_tasks && task_seq[t1] == task_seq[t0]) ++t1;
@@ -581,9 +579,9 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
       for (int64_t h = 0; h < hq; ++h) {
         float top = -INFINITY, sum = 0.f;
         for (int64_t t = t0; t < t1; ++t) top = std::max(top, mx[t * hq + h]);
-        std::vector<float> merged(d, 0.f);
+        std::fill(merged.begin(), merged.end(), 0.f);
         for (int64_t t = t0; t < t1; ++t) {
-          const float w = t1 - t0 == 1 ? 1.f : std::exp(mx[t * hq + h] - top);
+          const float w = std::exp(mx[t * hq + h] - top);
           sum += w * total[t * hq + h];
           const float* a = acc.data() + (t * hq + h) * d;
           for (int64_t i = 0; i < d; ++i) merged[i] += w * a[i];
