@@ -32,7 +32,7 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.cpu import build_extension  # noqa: E402
-from kernels.fused import SOURCE, TORCH_OPS, LayerOps, cpu_fused_ops, extension  # noqa: E402
+from kernels.fused import SOURCE, TORCH_OPS, LayerOps, compile_flags, cpu_fused_ops, ops_of  # noqa: E402
 
 D, HQ, HK, HEAD, INTER, BLOCK, LAYERS = 576, 9, 3, 64, 1536, 16, 30
 CONTEXTS = (64, 300, 1000)
@@ -83,13 +83,10 @@ def baseline_ops(rev: str) -> LayerOps:
                           capture_output=True, text=True).stdout
     source = Path(tempfile.mkdtemp()) / "fused_ops.cpp"
     source.write_text(text)
-    current = extension()
-    flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
-    ext = build_extension(f"fused_baseline_{rev}", source, flags)
-    if isinstance(ext, str) or isinstance(current, str):
-        raise SystemExit(f"cannot build the ops of {rev}: {ext if isinstance(ext, str) else current}")
-    return LayerOps(rev, ext.rms_norm, ext.add_rms_norm_, ext.rotary_, ext.rotary_cache_, ext.silu_mul,
-                    ext.paged_decode)
+    ext = build_extension(f"fused_baseline_{rev}", source, compile_flags())
+    if isinstance(ext, str):
+        raise SystemExit(f"cannot build the ops of {rev}: {ext}")
+    return ops_of(rev, ext)
 
 
 def warm_calls() -> dict[str, Callable[[LayerOps], object]]:

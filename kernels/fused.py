@@ -114,14 +114,27 @@ TORCH_OPS = LayerOps("torch", torch_rms_norm, torch_add_rms_norm_, torch_rotary_
 @functools.cache
 def extension() -> ModuleType | str:
     """The compiled extension, or why it cannot be had (built once, then cached on disk)."""
-    from kernels.cpu import build_extension, cpu_flags
+    from kernels.cpu import build_extension
+
+    return build_extension("sparse_serve_fused_cpu", SOURCE, compile_flags())
+
+
+def compile_flags() -> list[str]:
+    """The compiler flags for this CPU: AVX-512 (with BF16 where it has it), else AVX2, else plain C++."""
+    from kernels.cpu import cpu_flags
 
     flags = cpu_flags()
     wide = ["-mavx512f", "-mavx512bw", "-mavx512vl"] if {"avx512f", "avx512bw", "avx512vl"} <= flags else \
         ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []  # plain C++ loops, vectorized by the compiler
     if wide[:1] == ["-mavx512f"] and "avx512_bf16" in flags:
         wide.append("-mavx512bf16")  # bf16 attention scores by vdpbf16ps
-    return build_extension("sparse_serve_fused_cpu", SOURCE, ["-O3", "-fopenmp", *wide])
+    return ["-O3", "-fopenmp", *wide]
+
+
+def ops_of(name: str, ext: ModuleType) -> LayerOps:
+    """The layer ops of a compiled extension (this one, or an earlier build to compare with), named ``name``."""
+    return LayerOps(name, ext.rms_norm, ext.add_rms_norm_, ext.rotary_, ext.rotary_cache_, ext.silu_mul,
+                    ext.paged_decode)
 
 
 @functools.cache
@@ -129,8 +142,7 @@ def cpu_fused_ops() -> LayerOps | None:
     ext = extension()
     if isinstance(ext, str):
         return None
-    return LayerOps("cpu_fused", ext.rms_norm, ext.add_rms_norm_, ext.rotary_, ext.rotary_cache_, ext.silu_mul,
-                    ext.paged_decode)
+    return ops_of("cpu_fused", ext)
 
 
 def layer_ops(device: torch.device | str, dtype: torch.dtype) -> LayerOps:
