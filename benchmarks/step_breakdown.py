@@ -60,9 +60,14 @@ def linear_bytes(module: nn.Module) -> int:
 
 
 def stub(module: nn.Module) -> None:
-    """Replace ``module.forward`` by one returning zeros [rows, out_features] (bound before the engine is built)."""
+    """Replace ``module.forward`` and the engine's bound form of it (``bound()``) by one returning zeros
+    [rows, out_features] (before the engine is built, which binds them)."""
     out_features = module.out_features
-    module.forward = lambda x: torch.zeros(x.shape[0], out_features, dtype=torch.bfloat16)
+
+    def zeros(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], out_features, dtype=torch.bfloat16)
+    module.forward = zeros
+    module.bound = lambda: zeros
 
 
 class Stepper:

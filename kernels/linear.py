@@ -10,13 +10,13 @@ in ``LoadedCheckpoint.sparse_weights``) by ``SparseLinear`` modules.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from kernels.bitmask import BitmaskTensor
-from kernels.cpu import dense_linear, prepack_dense
+from kernels.cpu import bind_dense, dense_linear, prepack_dense
 from kernels.registry import Kernel, select
 
 OP = "bitmask_linear"
@@ -46,6 +46,11 @@ class SparseLinear(nn.Module):
         lead = x.shape[:-1]
         y = self.kernel.apply(x.reshape(-1, self.in_features).to(self.dtype).contiguous(), self.packed, self.bias)
         return y.reshape(*lead, self.out_features)
+
+    def bound(self) -> Callable[[Tensor], Tensor]:
+        """``forward`` for flat [M, K] batches in this layer's dtype, its lookups done once (the engine's
+        hot path; it reads the bias as it is now, so bind again after moving the module)."""
+        return self.kernel.bound(self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -88,6 +93,10 @@ class PrepackedLinear(nn.Module):
         lead = x.shape[:-1]
         y = dense_linear(x.reshape(-1, self.in_features).contiguous(), self.packed, self.bias)
         return y.reshape(*lead, self.out_features)
+
+    def bound(self) -> Callable[[Tensor], Tensor]:
+        """``forward`` for flat [M, K] batches, its lookups done once (see :meth:`SparseLinear.bound`)."""
+        return bind_dense(self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, prepacked={self.packed.prepacked}, "

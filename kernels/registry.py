@@ -11,7 +11,10 @@ users turn a fast path off; forcing one that cannot run here is an error that sa
 
 An implementation of ``bitmask_linear`` has two halves, so repacking happens once, after load:
 ``pack(weight: BitmaskTensor) -> packed`` (any object; done on the weight's device) and
-``apply(x: [M, K], packed, bias: [N] | None) -> y: [M, N]`` in ``x``'s dtype.
+``apply(x: [M, K], packed, bias: [N] | None) -> y: [M, N]`` in ``x``'s dtype. It may add a third,
+``bind(packed, bias) -> forward``: ``forward(x)`` computes what ``apply(x, packed, bias)`` does with
+the per-call lookups done once (a serving engine calls ~120 linears a decode step, each a few
+microseconds of work); :meth:`Kernel.bound` falls back to ``apply`` without one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ ENV_FORCE = "SPARSE_SERVE_KERNEL"
 
 Pack = Callable[[BitmaskTensor], Any]
 Apply = Callable[[Tensor, Any, "Tensor | None"], Tensor]
+Forward = Callable[[Tensor], Tensor]
+Bind = Callable[[Any, "Tensor | None"], Forward]
 
 
 def _always() -> bool:
@@ -48,9 +53,17 @@ class Kernel:
     apply: Apply
     available: Callable[[], bool] = field(default=_always)
     why_unavailable: Callable[[], str] = field(default=lambda: "")
+    bind: Bind | None = None
 
     def supports(self, device: torch.device | str, dtype: torch.dtype) -> bool:
         return torch.device(device).type in self.devices and dtype in self.dtypes
+
+    def bound(self, packed: Any, bias: Tensor | None) -> Forward:
+        """``x [M, K] -> apply(x, packed, bias)``, through ``bind`` where the implementation has one."""
+        if self.bind is not None:
+            return self.bind(packed, bias)
+        apply = self.apply
+        return lambda x: apply(x, packed, bias)
 
 
 KERNELS: dict[str, dict[str, Kernel]] = {}

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -328,10 +329,25 @@ def _check_input(x: Tensor, shape: tuple[int, int]) -> None:
         raise ValueError(f"x must be [M, {shape[1]}] for a weight of shape {shape}, got {tuple(x.shape)}")
 
 
+def bind_avx512(packed: PackedBitmask, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """:func:`apply_avx512` for one weight with its lookups done once: decode-sized batches go straight to
+    the kernel (the bias already float32, as the kernel adds it), others through ``apply_avx512``."""
+    decode = extension().bitmask_gemm_decode
+    masks, values, offsets, windowed = packed.masks, packed.values, packed.row_offsets, packed.windowed
+    bias32 = None if bias is None else bias.float().contiguous()
+
+    def forward(x: Tensor) -> Tensor:  # x [M, K] bf16 -> [M, N]
+        if x.shape[0] <= TUNING.decode_max_rows and x.dim() == 2 and x.shape[1] == packed.shape[1]:
+            plan = decode_plan()
+            return decode(x, masks, values, offsets, bias32, plan.windowed if windowed else plan.plain)
+        return apply_avx512(x, packed, bias)
+    return forward
+
+
 register(Kernel(
     op="bitmask_linear", name="cpu_avx512", priority=10,
     devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16}),
-    pack=pack_avx512, apply=apply_avx512,
+    pack=pack_avx512, apply=apply_avx512, bind=bind_avx512,
     available=avx512_available, why_unavailable=avx512_unavailable_reason,
 ))
 
@@ -369,9 +385,23 @@ def dense_linear(x: Tensor, packed: PrepackedDense, bias: Tensor | None = None) 
     return F.linear(x, packed.weight, bias)
 
 
+def bind_dense(packed: PrepackedDense, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """:func:`dense_linear` for one weight with its lookups done once (the GEMV's bias already float32)."""
+    if packed.rows is None:
+        return lambda x: dense_linear(x, packed, bias)
+    gemv, rows = extension().dense_gemm_decode, packed.rows
+    bias32 = None if bias is None else bias.float().contiguous()
+
+    def forward(x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
+        if x.shape[0] <= TUNING.dense_decode_max_rows and x.dtype == torch.bfloat16 and x.is_contiguous():
+            return gemv(x, rows, bias32)
+        return dense_linear(x, packed, bias)
+    return forward
+
+
 register(Kernel(
     op="bitmask_linear", name="cpu_dense", priority=5,
     devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16, torch.float32}),
     pack=lambda weight: prepack_dense(weight.decompress().cpu()),
-    apply=dense_linear,
+    apply=dense_linear, bind=bind_dense,
 ))

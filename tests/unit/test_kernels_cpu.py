@@ -59,6 +59,32 @@ def test_equals_reference(name, m, n, k, sparsity, with_bias):
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
 
 
+@pytest.mark.parametrize("name", CPU_KERNELS)
+@pytest.mark.parametrize("m", [1, 5, 17, 40, 129])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bound_forward_is_apply(name, m, with_bias):
+    """``Kernel.bound`` (the engine's per-layer forward, lookups done once) computes exactly what ``apply``
+    does on every path: decode, pair gather, decompress + GEMM; the dense GEMV with its float32 bias."""
+    kernel = kernel_or_skip(name)
+    w = sparse_weight(48, 72, 0.7, seed=m)
+    x = torch.randn(m, 72).bfloat16()
+    bias = torch.randn(48).bfloat16() if with_bias else None
+    packed = kernel.pack(compress(w))
+    assert torch.equal(kernel.bound(packed, bias)(x), kernel.apply(x, packed, bias))
+
+
+def test_linear_modules_bind_their_forward():
+    from kernels.linear import PrepackedLinear
+
+    linear = torch.nn.Linear(72, 48).bfloat16()
+    dense = PrepackedLinear(linear)
+    sparse = SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), linear.bias)
+    for module in (dense, sparse):
+        for m in (1, 3, 20):
+            x = torch.randn(m, 72).bfloat16()
+            assert torch.equal(module.bound()(x), module(x))
+
+
 @pytest.mark.parametrize("decode_max_rows, tile_rows", [(0, 16), (0, 50), (200, 512)])
 @pytest.mark.parametrize("m", [1, 9, 16, 33])
 def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
