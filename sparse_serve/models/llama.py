@@ -76,6 +76,7 @@ class _Attention:
         self.head_dim, self.scaling, self.ops = attn.head_dim, attn.scaling, ops
         self.q_heads = _out_features(attn.q_proj) // self.head_dim
         self.kv_heads = _out_features(attn.k_proj) // self.head_dim
+        self.heads = [self.q_heads, self.kv_heads, self.kv_heads]  # of the fused qkv output
         qkv = getattr(attn, "qkv_proj", None)
         self.qkv = bound(qkv) if qkv is not None else None  # one fused linear: [T, (Hq + 2 Hkv) d]
         self.q, self.k, self.v = bound(attn.q_proj), bound(attn.k_proj), bound(attn.v_proj)
@@ -85,7 +86,8 @@ class _Attention:
                  meta: AttentionMetadata) -> Tensor:
         t, d = x.shape[0], self.head_dim
         if self.qkv is not None:
-            q, k, v = self.qkv(x).view(t, -1, d).split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
+            # split_with_sizes: Tensor.split's Python wrapper costs a few microseconds a layer
+            q, k, v = self.qkv(x).view(t, -1, d).split_with_sizes(self.heads, 1)
         else:
             q, k, v = self.q(x).view(t, -1, d), self.k(x).view(t, -1, d), self.v(x).view(t, -1, d)
         # q [T, Hq, d]; k, v [T, Hkv, d]
