@@ -152,11 +152,21 @@ def hf_decode_rate(model, prompt: list[int], tokens: int) -> float:
     return (len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0])
 
 
+def check_checkpoints(rows: list[str], args) -> None:
+    """--speed times saved checkpoints: stop, naming them, when some of ``rows`` have none."""
+    missing = [f"{row} ({checkpoint_dir(args, row)})" for row in rows
+               if row != "dense" and not (checkpoint_dir(args, row) / "config.json").is_file()]
+    if missing:
+        raise SystemExit(f"--speed measures saved checkpoints, and these rows have none: {', '.join(missing)}. "
+                         f"Run the same command without --speed first (it builds them under --work), or "
+                         f"point --work at where they are.")
+
+
 def measure_speed(rows: list[str], base: Path, args) -> dict[str, dict]:
     from sparse_serve.loader import load_for_serving
 
+    rows = ["dense"] + [row for row in rows if row != "dense"]  # every row is timed against dense
     paths = {row: base if row == "dense" else checkpoint_dir(args, row) for row in rows}
-    paths = {row: p for row, p in paths.items() if (p / "config.json").is_file()}
     serving = {row: load_for_serving(p, dtype=torch.bfloat16) for row, p in paths.items()}
     plain = {row: load_checkpoint(p, dtype=torch.bfloat16).model.eval() for row, p in paths.items()}
     tok = serving["dense"].tokenizer
@@ -205,20 +215,24 @@ def table(results: dict[str, dict], speed: dict[str, dict], args) -> str:
              f"{'engine tok/s':>12} {'speedup':>7} {'HF tok/s':>8} {'speedup':>7} {'prune s':>7}",
              "-" * 112]
     for row in all_rows(args.ratios):
-        if row not in results:
+        if row not in results and row not in speed:
             continue
-        r = results[row]
         method, target = (row, "-") if row == "dense" else (row.split(":")[0], row.split(":")[1])
-        ratio = f"{r['ppl'] / dense['ppl']:.2f}x" if dense else ""
         s = speed.get(row, {})
         eng = f"{s['engine_tok_s']:.1f}" if s else ""
         eng_x = f"{s['engine_speedup']:.2f}x" if s else ""
         hf = f"{s['hf_tok_s']:.1f}" if s else ""
         hf_x = f"{s['hf_speedup']:.2f}x" if s else ""
-        params = r.get("params_after", dense_params)
-        lines.append(f"{LABELS.get(method, method):<14} {target:>6} {r.get('achieved_ratio', 0.0):>7.3f} "
-                     f"{params / 1e6:>6.1f}M {r['ppl']:>9.2f} {ratio:>8} {r['zeroshot_avg']:>6.3f} {eng:>12} "
-                     f"{eng_x:>7} {hf:>8} {hf_x:>7} {r['prune_seconds']:>7.0f}")
+        quality = f"{'':>7} {'':>7} {'':>9} {'':>8} {'':>6}"  # a row timed (--speed) but not evaluated yet
+        if row in results:
+            r = results[row]
+            ratio = f"{r['ppl'] / dense['ppl']:.2f}x" if dense else ""
+            params = r.get("params_after", dense_params)
+            quality = (f"{r.get('achieved_ratio', 0.0):>7.3f} {params / 1e6:>6.1f}M {r['ppl']:>9.2f} {ratio:>8} "
+                       f"{r['zeroshot_avg']:>6.3f}")
+        prune = f"{results[row]['prune_seconds']:.0f}" if row in results else ""
+        lines.append(f"{LABELS.get(method, method):<14} {target:>6} {quality} {eng:>12} {eng_x:>7} {hf:>8} {hf_x:>7} "
+                     f"{prune:>7}")
     return "\n".join(lines)
 
 
@@ -238,7 +252,8 @@ def plot(results: dict[str, dict], speed: dict[str, dict], args, path: Path) -> 
     left.set_yscale("log")
     left.set_xlabel("parameters removed (decoder linears)")
     left.set_ylabel("wiki perplexity @1024")
-    left.legend(fontsize=8)
+    if left.get_legend_handles_labels()[0]:  # nothing to label when only speed was measured
+        left.legend(fontsize=8)
     rows = [row for row in all_rows(args.ratios) if row in speed]
     if rows:
         x = range(len(rows))
@@ -293,8 +308,10 @@ def main() -> None:
     args.rows.parent.mkdir(parents=True, exist_ok=True)
     results, speed = load_rows(args.rows, args.windows)
     if not args.report:
-        base = fetch_model(MODEL)
         wanted = args.only.split(",") if args.only else all_rows(args.ratios)
+        if args.speed:
+            check_checkpoints(wanted, args)
+        base = fetch_model(MODEL)
         if args.speed:
             speed = measure_speed(wanted, base, args)
             with args.rows.open("a") as fh:

@@ -31,3 +31,26 @@ def test_report_from_rows(tmp_path):
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert final["benchmark"] == "quality_structured" and final["speed"]["flap:0.5"]["engine_speedup"] == 1.8
     assert rows.with_suffix(".png").is_file()
+
+
+def test_report_of_speed_rows_alone(tmp_path):
+    """Rows timed with --speed before (or without) their quality evaluation still get a table row."""
+    rows = tmp_path / "rows.jsonl"
+    speed = {"kind": "speed", "results": {
+        "dense": {"engine_tok_s": 80.0, "hf_tok_s": 18.0, "engine_speedup": 1.0, "hf_speedup": 1.0},
+        "flap:0.5": {"engine_tok_s": 124.0, "hf_tok_s": 21.6, "engine_speedup": 1.55, "hf_speedup": 1.2}}}
+    rows.write_text(json.dumps(speed) + "\n")
+    out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--rows", str(rows), "--windows", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "UserWarning" not in out.stderr
+    flap = next(line for line in out.stdout.splitlines() if line.startswith("FLAP "))
+    assert "124.0" in flap and "1.55x" in flap and "1.20x" in flap
+
+
+def test_speed_names_the_rows_without_a_checkpoint(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--speed", "--only", "flap:0.5", "--rows",
+                          str(tmp_path / "rows.jsonl"), "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "flap:0.5" in out.stderr and "without --speed" in out.stderr
