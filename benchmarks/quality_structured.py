@@ -208,9 +208,12 @@ def measure_speed(rows: list[str], base: Path, args) -> dict[str, dict]:
 def table(results: dict[str, dict], speed: dict[str, dict], args) -> str:
     dense = results.get("dense", {})
     dense_params = next((r["params_before"] for r in results.values() if "params_before" in r), float("nan"))
+    # the speed settings the rows were measured with (a --report run's own flags are only defaults)
+    timed = next((r for r in speed.values() if "rounds" in r), {})
+    tokens, rounds = timed.get("decode_tokens", args.decode_tokens), timed.get("rounds", args.rounds)
     lines = [f"wiki eval perplexity at 1024 tokens, {args.windows} windows; zero-shot acc, first {args.limit} items "
-             f"of {', '.join(args.tasks)}; bf16; decode tok/s at batch 1 ({args.decode_tokens} tokens, median of "
-             f"{args.rounds} interleaved rounds)",
+             f"of {', '.join(args.tasks)}; bf16; decode tok/s at batch 1 ({tokens} tokens, median of "
+             f"{rounds} interleaved rounds)",
              f"{'method':<14} {'target':>6} {'removed':>7} {'params':>7} {'ppl':>9} {'vs dense':>8} {'0-shot':>6} "
              f"{'engine tok/s':>12} {'speedup':>7} {'HF tok/s':>8} {'speedup':>7} {'prune s':>7}",
              "-" * 112]

@@ -38,7 +38,8 @@ def test_report_of_speed_rows_alone(tmp_path):
     rows = tmp_path / "rows.jsonl"
     speed = {"kind": "speed", "results": {
         "dense": {"engine_tok_s": 80.0, "hf_tok_s": 18.0, "engine_speedup": 1.0, "hf_speedup": 1.0},
-        "flap:0.5": {"engine_tok_s": 124.0, "hf_tok_s": 21.6, "engine_speedup": 1.55, "hf_speedup": 1.2}}}
+        "flap:0.5": {"engine_tok_s": 124.0, "hf_tok_s": 21.6, "engine_speedup": 1.55, "hf_speedup": 1.2,
+                     "rounds": 10, "decode_tokens": 64}}}
     rows.write_text(json.dumps(speed) + "\n")
     out = subprocess.run([sys.executable, str(SCRIPT), "--report", "--rows", str(rows), "--windows", "1"],
                          capture_output=True, text=True, timeout=300)
@@ -46,6 +47,7 @@ def test_report_of_speed_rows_alone(tmp_path):
     assert "UserWarning" not in out.stderr
     flap = next(line for line in out.stdout.splitlines() if line.startswith("FLAP "))
     assert "124.0" in flap and "1.55x" in flap and "1.20x" in flap
+    assert "(64 tokens, median of 10 interleaved rounds)" in out.stdout  # as measured, not the flag defaults
 
 
 def test_speed_names_the_rows_without_a_checkpoint(tmp_path):
