@@ -8,7 +8,10 @@ the LM head alone on one row, variants alternating (A, B, A, B); the table shows
 
     linears = step - stubbed step        glue = stubbed step - LM head (attention, norms, rotary, sampling, Python)
 
-and the rate at which the decoder linears read their weights (their bytes over their time).
+and the rate at which the decoder linears read their weights (their bytes over their time). Stubs are Python,
+so every engine here runs the Python layer loop (``SPARSE_SERVE_DECODER=python``); the compiled decoder
+that serving uses by default takes the Python part of the glue off both variants
+(``benchmarks/compiled_decoder.py`` measures by how much).
 
     python benchmarks/step_breakdown.py                                   # dense and Wanda 70%, 5 rounds
     python benchmarks/step_breakdown.py --sparse out/smollm2-135m-instruct-wanda-50 --rounds 3
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -61,13 +65,14 @@ def linear_bytes(module: nn.Module) -> int:
 
 def stub(module: nn.Module) -> None:
     """Replace ``module.forward`` and the engine's bound form of it (``bound()``) by one returning zeros
-    [rows, out_features] (before the engine is built, which binds them)."""
+    [rows, out_features] (before the engine is built, which binds them), and take away its compiled form."""
     out_features = module.out_features
 
     def zeros(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape[0], out_features, dtype=torch.bfloat16)
     module.forward = zeros
     module.bound = lambda: zeros
+    module.native = lambda: None
 
 
 class Stepper:
@@ -118,6 +123,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (the table shows medians)")
     p.add_argument("--steps", type=int, default=40, help="decode steps (and LM head calls) timed per round")
     args = p.parse_args()
+    os.environ["SPARSE_SERVE_DECODER"] = "python"  # the stubs are Python: every engine runs the Python loop
 
     from compress.models.registry import fetch_model
 

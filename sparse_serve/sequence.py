@@ -76,6 +76,11 @@ class Sequence:
             return prompt[start:end]
         return (prompt + self.output_ids)[start:end]
 
+    def token_at(self, position: int) -> int:
+        """The known token at ``position`` of prompt + output (no copy of either)."""
+        prompt = self.request.prompt_ids
+        return prompt[position] if position < len(prompt) else self.output_ids[position - len(prompt)]
+
     @property
     def num_pending(self) -> int:
         """Known tokens whose KV is not computed yet (1 while decoding, more while (re)prefilling)."""

@@ -111,3 +111,27 @@ def tiny_server_url(tiny_model_dir):
         server.should_exit = True
         thread.join(15)
         asyncio.run(state.engine.shutdown(0))
+
+
+@pytest.fixture(scope="session")
+def pruned_dirs(tmp_path_factory, tiny_model_dir, tiny_tokenizer) -> Path:
+    """A 60%-sparse (kept compressed on load) and a structurally pruned (fewer heads, narrower MLP,
+    o_proj/down_proj biases in two layers) copy of the tiny model: ``<root>/sparse``, ``<root>/pruned``."""
+    from compress.adapter import LayerStructure, get_adapter
+    from compress.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("engine")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layers" in name and name.endswith("proj.weight"):
+                p.mul_(p.abs() > p.abs().quantile(0.6, dim=1, keepdim=True))
+    save_checkpoint(model, tiny_tokenizer, root / "sparse")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    adapter = get_adapter(model)
+    for index in (0, 2):
+        adapter.resize_layer(index, LayerStructure(num_heads=2, num_kv_heads=1, head_dim=adapter.head_dim,
+                                                   intermediate_size=32, o_proj_bias=True, down_proj_bias=True))
+    save_checkpoint(model, tiny_tokenizer, root / "pruned")
+    return root

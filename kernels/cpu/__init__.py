@@ -76,16 +76,21 @@ def extension_dir() -> Path:
     return path
 
 
-def build_extension(name: str, source: Path, cflags: list[str]) -> ModuleType | str:
-    """Compile ``source`` once (cached under :func:`extension_dir`), or say why it failed: a compiler
-    error must not break loading, the fallbacks serve."""
+def build_extension(name: str, source: Path | list[Path], cflags: list[str]) -> ModuleType | str:
+    """Compile ``source`` (one file, or several linked into one module) once, cached in its own directory
+    under :func:`extension_dir` (two extensions may compile one source with different flags) and rebuilt
+    when any of them changes; or say why it failed: a compiler error must not break loading, the
+    fallbacks serve."""
     from torch.utils.cpp_extension import load
 
+    sources = source if isinstance(source, list) else [source]
+    build = extension_dir() / name
+    build.mkdir(exist_ok=True)
     try:
-        return load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                    build_directory=str(extension_dir()), verbose=False)
+        return load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                    build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001 - reported as the reason, the caller falls back
-        return f"compiling {source.name} failed ({type(err).__name__}: {str(err)[-300:]})"
+        return f"compiling {sources[0].name} failed ({type(err).__name__}: {str(err)[-300:]})"
 
 
 @functools.cache
@@ -94,6 +99,16 @@ def extension() -> ModuleType | str:
     if missing_flags():
         return f"this CPU lacks {missing_flags()}"
     return build_extension("sparse_serve_bitmask_cpu", SOURCE, CFLAGS)
+
+
+@functools.cache
+def decoder_extension() -> ModuleType | str:
+    """The compiled decoder stack (``decoder.cpp``, linked with this kernel and the fused layer ops), or the
+    reason it cannot be had."""
+    if missing_flags():
+        return f"this CPU lacks {missing_flags()}"
+    sources = [SOURCE.with_name(name) for name in ("decoder.cpp", "bitmask_linear.cpp", "fused_ops.cpp")]
+    return build_extension("sparse_serve_decoder_cpu", sources, CFLAGS + ["-DSPARSE_SERVE_NO_MODULE"])
 
 
 def avx512_available() -> bool:
@@ -329,12 +344,17 @@ def _check_input(x: Tensor, shape: tuple[int, int]) -> None:
         raise ValueError(f"x must be [M, {shape[1]}] for a weight of shape {shape}, got {tuple(x.shape)}")
 
 
+def _float_bias(bias: Tensor | None) -> Tensor | None:
+    """The bias as the decode kernels add it: float32, contiguous."""
+    return None if bias is None else bias.float().contiguous()
+
+
 def bind_avx512(packed: PackedBitmask, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
     """:func:`apply_avx512` for one weight with its lookups done once: decode-sized batches go straight to
     the kernel (the bias already float32, as the kernel adds it), others through ``apply_avx512``."""
     decode = extension().bitmask_gemm_decode
     masks, values, offsets, windowed = packed.masks, packed.values, packed.row_offsets, packed.windowed
-    bias32 = None if bias is None else bias.float().contiguous()
+    bias32 = _float_bias(bias)
 
     def forward(x: Tensor) -> Tensor:  # x [M, K] bf16 -> [M, N]
         if x.shape[0] <= TUNING.decode_max_rows and x.dim() == 2 and x.shape[1] == packed.shape[1]:
@@ -344,10 +364,21 @@ def bind_avx512(packed: PackedBitmask, bias: Tensor | None) -> Callable[[Tensor]
     return forward
 
 
+def native_avx512(packed: PackedBitmask, bias: Tensor | None) -> object | None:
+    """:func:`bind_avx512`'s decode path as a linear of the compiled decoder (its loops: this process's
+    :func:`decode_plan`, fixed now), for up to ``decode_max_rows`` rows."""
+    ext = decoder_extension()
+    if isinstance(ext, str):
+        return None
+    plan = decode_plan()
+    return ext.Linear.sparse(packed.masks, packed.values, packed.row_offsets, _float_bias(bias),
+                             list(plan.windowed if packed.windowed else plan.plain), TUNING.decode_max_rows)
+
+
 register(Kernel(
     op="bitmask_linear", name="cpu_avx512", priority=10,
     devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16}),
-    pack=pack_avx512, apply=apply_avx512, bind=bind_avx512,
+    pack=pack_avx512, apply=apply_avx512, bind=bind_avx512, native=native_avx512,
     available=avx512_available, why_unavailable=avx512_unavailable_reason,
 ))
 
@@ -390,7 +421,7 @@ def bind_dense(packed: PrepackedDense, bias: Tensor | None) -> Callable[[Tensor]
     if packed.rows is None:
         return lambda x: dense_linear(x, packed, bias)
     gemv, rows = extension().dense_gemm_decode, packed.rows
-    bias32 = None if bias is None else bias.float().contiguous()
+    bias32 = _float_bias(bias)
 
     def forward(x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
         if x.shape[0] <= TUNING.dense_decode_max_rows and x.dtype == torch.bfloat16 and x.is_contiguous():
@@ -399,9 +430,18 @@ def bind_dense(packed: PrepackedDense, bias: Tensor | None) -> Callable[[Tensor]
     return forward
 
 
+def native_dense(packed: PrepackedDense, bias: Tensor | None) -> object | None:
+    """:func:`bind_dense`'s GEMV path as a linear of the compiled decoder (up to ``dense_decode_max_rows``
+    rows), where the weight was kept row-major for it."""
+    ext = decoder_extension()
+    if packed.rows is None or isinstance(ext, str):
+        return None
+    return ext.Linear.dense(packed.rows, _float_bias(bias), TUNING.dense_decode_max_rows)
+
+
 register(Kernel(
     op="bitmask_linear", name="cpu_dense", priority=5,
     devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16, torch.float32}),
     pack=lambda weight: prepack_dense(weight.decompress().cpu()),
-    apply=dense_linear, bind=bind_dense,
+    apply=dense_linear, bind=bind_dense, native=native_dense,
 ))

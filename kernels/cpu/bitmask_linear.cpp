@@ -590,6 +590,7 @@ void bitmask_decompress_into(const torch::Tensor& masks, const torch::Tensor& va
   });
 }
 
+#ifndef SPARSE_SERVE_NO_MODULE  // decoder.cpp links this file's functions into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmask_gemm_decode", &bitmask_gemm_decode, "y = x W^T + b, W packed bitmask (AVX-512 BF16)",
         py::arg("x"), py::arg("masks"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"),
@@ -599,3 +600,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_gemm_decode", &dense_gemm_decode, "y = x W^T + b for a few rows of x, W dense bf16 (AVX-512 BF16)");
   m.def("bitmask_decompress_into", &bitmask_decompress_into, "dense bf16 rows of a packed bitmask weight");
 }
+#endif

@@ -594,6 +594,7 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   return out;
 }
 
+#ifndef SPARSE_SERVE_NO_MODULE  // decoder.cpp links this file's functions into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of rows with transformers' rounding");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta, then RMSNorm of h");
@@ -602,3 +603,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up output");
   m.def("paged_decode", &paged_decode, "single-query attention over a paged KV cache");
 }
+#endif

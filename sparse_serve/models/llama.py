@@ -7,12 +7,20 @@ reference forward's. Attention reads the paged cache (:func:`sparse_serve.attent
 Modules the fused ops do not know (another norm or activation) are called as they are. Heads per
 layer are read from the weight shapes, so structurally pruned layers (fewer heads, narrower MLP,
 o_proj/down_proj biases) just work.
+
+Decode steps of up to a few rows skip Python between the embedding and the LM head where every part of
+every layer has a compiled form (:func:`compiled_decoder`: bf16 on an AVX-512 CPU, fused q/k/v and
+gate/up, RMSNorm, SiLU): ``kernels/cpu/decoder.cpp`` calls the same kernels in the same order, so the
+logits are bit for bit those of the Python loop. ``SPARSE_SERVE_DECODER=python`` turns it off.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -25,6 +33,8 @@ from sparse_serve.models import register_paged
 
 RMS_NORMS = (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm)  # weight * normalize(x), what ops.rms_norm computes
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (k, v): [num_blocks, block_size, kv_heads, head_dim]
+ENV_DECODER = "SPARSE_SERVE_DECODER"
+DECODERS = ("compiled", "python")
 
 
 @register_paged
@@ -38,7 +48,8 @@ class PagedLlama:
 
     def __init__(self, model: nn.Module):
         decoder = model.model
-        self.embed, self.norm, self.rotary = decoder.embed_tokens, decoder.norm, decoder.rotary_emb
+        self.embed, self.norm = decoder.embed_tokens, decoder.norm
+        self.rotary = _Rotary(decoder.rotary_emb, self.embed.weight.dtype)
         self.lm_head = bound(model.lm_head)
         layers = list(decoder.layers)
         self.ops = layer_ops(self.embed.weight.device, self.embed.weight.dtype)
@@ -49,6 +60,8 @@ class PagedLlama:
         # lookups plus nn.Module.__call__ on each cost about as much as the fused ops themselves
         self.attention = [_Attention(layer.self_attn, self.ops) for layer in layers]
         self.mlps = [_mlp_fn(layer.mlp, self.ops) for layer in layers]
+        self.compiled = compiled_decoder(layers, self.attention, self.norm, self.ops)
+        self._flat_caches: tuple[KVCache | None, list[Tensor]] = (None, [])
 
     def kv_shapes(self) -> list[tuple[int, int]]:
         """(kv_heads, head_dim) of every layer."""
@@ -57,16 +70,56 @@ class PagedLlama:
     def forward(self, ids: Tensor, positions: Tensor, meta: AttentionMetadata, caches: KVCache,
                 logits_rows: Tensor) -> Tensor:
         h = self.embed(ids)  # [T, D]: the residual stream, updated in place
-        cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))  # [1, T, head_dim]
-        cos, sin = cos[0], sin[0]
+        cos, sin = self.rotary(h, positions)  # [T, head_dim]
+        if self.compiled is not None and not meta.prefills and ids.shape[0] <= self.compiled.max_rows:
+            x = self.compiled.run(h, cos, sin, meta.slots, meta.decode_tables, meta.decode_lens, self._flat(caches))
+        else:
+            x = self._layers(h, cos, sin, meta, caches)
+        if logits_rows.numel() != x.shape[0]:  # decode-only steps need every row
+            x = x[logits_rows]
+        return self.lm_head(x).float()  # [S, V]
+
+    def _layers(self, h: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, caches: KVCache) -> Tensor:
+        """Every decoder layer, op by op; h [T, D] is updated in place -> the final norm of h [T, D]."""
         norms = self.norms
         x = norms[0](h, None)
         for i, (attention, mlp, (k_cache, v_cache)) in enumerate(zip(self.attention, self.mlps, caches)):
             x = norms[2 * i + 1](h, attention(x, cos, sin, k_cache, v_cache, meta))
             x = norms[2 * i + 2](h, mlp(x))  # the next layer's input (or the final norm)
-        if logits_rows.numel() != x.shape[0]:  # decode-only steps need every row
-            x = x[logits_rows]
-        return self.lm_head(x).float()  # [S, V]
+        return x
+
+    def _flat(self, caches: KVCache) -> list[Tensor]:
+        """[k0, v0, k1, v1, ...] of the runner's caches (the same list every step: flattened once)."""
+        if self._flat_caches[0] is not caches:
+            self._flat_caches = (caches, [t for kv in caches for t in kv])
+        return self._flat_caches[1]
+
+
+class _Rotary:
+    """cos, sin [T, d] of the model's rotary embedding at ``positions``, looked up in a table the module
+    computes once for positions [0, n) - bit for bit what it computes per step (checked for every position
+    of SmolLM2 and the tiny model), without its ~50 us a call - for rope types whose frequencies do not
+    depend on the sequence length; the module itself for other types and beyond the table."""
+
+    STATIC = frozenset({"default", "linear", "llama3"})
+    MAX_POSITIONS = 1 << 16  # 16 MB of bf16 tables at head_dim 128
+
+    def __init__(self, rotary: nn.Module, dtype: torch.dtype):
+        self.rotary, self.table = rotary, None
+        if getattr(rotary, "rope_type", None) in self.STATIC:
+            n = min(int(getattr(rotary, "max_seq_len_cached", 4096)), self.MAX_POSITIONS)
+            device = rotary.inv_freq.device
+            cos, sin = rotary(torch.zeros(1, 1, 1, dtype=dtype, device=device), torch.arange(n, device=device)[None])
+            self.table = (cos[0], sin[0])  # [n, d] each
+
+    def __call__(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        if self.table is not None:
+            try:
+                return self.table[0].index_select(0, positions), self.table[1].index_select(0, positions)
+            except IndexError:  # a position beyond the table
+                pass
+        cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))  # [1, T, d]
+        return cos[0], sin[0]
 
 
 class _Attention:
@@ -129,6 +182,36 @@ def _mlp_fn(mlp: nn.Module, ops: LayerOps) -> Callable[[Tensor], Tensor]:
         gate, up = gate_up(x).chunk(2, dim=-1)  # [T, I] each
         return down(act(gate) * up)
     return general
+
+
+def compiled_decoder(layers: list[nn.Module], attention: list[_Attention], final_norm: nn.Module,
+                     ops: LayerOps) -> Any | None:
+    """Every layer as one compiled call for decode steps (``kernels/cpu/decoder.cpp``), or None where some
+    part has no compiled form or ``$SPARSE_SERVE_DECODER`` is ``python``. Its linears take the decode
+    kernels' loops as this process has chosen them."""
+    choice = os.environ.get(ENV_DECODER, "").strip() or DECODERS[0]
+    if choice not in DECODERS:
+        raise ValueError(f"${ENV_DECODER}={choice!r}: choose one of {', '.join(DECODERS)}")
+    if choice == "python" or ops.name != "cpu_fused":
+        return None
+    from kernels.cpu import decoder_extension
+
+    ext = decoder_extension()
+    norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in layers]
+    if isinstance(ext, str) or not all(type(n) in RMS_NORMS for pair in norms for n in pair) \
+            or type(final_norm) not in RMS_NORMS:
+        return None
+    compiled = []
+    for layer, attn, (pre, post) in zip(layers, attention, norms):
+        mlp = layer.mlp
+        parts = [getattr(layer.self_attn, "qkv_proj", None), layer.self_attn.o_proj, getattr(mlp, "gate_up_proj", None),
+                 mlp.down_proj]
+        linears = [part.native() if hasattr(part, "native") else None for part in parts]
+        if any(lin is None for lin in linears) or not isinstance(getattr(mlp, "act_fn", None), (nn.SiLU, SiLUActivation)):
+            return None
+        compiled.append(ext.Layer(pre.weight.detach(), pre.variance_epsilon, post.weight.detach(), post.variance_epsilon,
+                                  *linears, attn.q_heads, attn.kv_heads, attn.head_dim, attn.scaling))
+    return ext.Decoder(compiled, final_norm.weight.detach(), final_norm.variance_epsilon)
 
 
 def bound(linear: nn.Module) -> Callable[[Tensor], Tensor]:

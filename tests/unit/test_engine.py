@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.adapter import LayerStructure, get_adapter
-from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.checkpoint import load_checkpoint
 from sparse_serve.block_manager import BlockManager
 from sparse_serve.config import CacheConfig, EngineConfig, SchedulerConfig
 from sparse_serve.engine import LLMEngine
@@ -133,29 +132,6 @@ def test_single_request_and_requests_joining_mid_generation(tiny_model):
     got, _ = run(engine)
     assert got["first"] == reference_greedy(tiny_model, first, 12)
     assert got["late"] == reference_greedy(tiny_model, late, 6)
-
-
-@pytest.fixture(scope="module")
-def pruned_dirs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
-    """A 60%-sparse (kept compressed on load) and a structurally pruned (fewer heads, narrower MLP,
-    o_proj/down_proj biases in two layers) copy of the tiny model."""
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("engine")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layers" in name and name.endswith("proj.weight"):
-                p.mul_(p.abs() > p.abs().quantile(0.6, dim=1, keepdim=True))
-    save_checkpoint(model, tiny_tokenizer, root / "sparse")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    torch.manual_seed(1)
-    adapter = get_adapter(model)
-    for index in (0, 2):
-        adapter.resize_layer(index, LayerStructure(num_heads=2, num_kv_heads=1, head_dim=adapter.head_dim,
-                                                   intermediate_size=32, o_proj_bias=True, down_proj_bias=True))
-    save_checkpoint(model, tiny_tokenizer, root / "pruned")
-    return root
 
 
 @pytest.mark.parametrize("kind", ["sparse", "pruned"])

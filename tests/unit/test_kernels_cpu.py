@@ -85,6 +85,25 @@ def test_linear_modules_bind_their_forward():
             assert torch.equal(module.bound()(x), module(x))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_compiled_decoder_linears_are_the_bound_forward(with_bias):
+    """``native()``: the linear the compiled decoder calls (kernels/cpu/decoder.cpp) computes what the bound
+    forward does, for every row count it declares (the sparse decode loops, the dense GEMV)."""
+    from kernels.linear import PrepackedLinear
+
+    kernel_or_skip("cpu_avx512")
+    linear = torch.nn.Linear(72, 48, bias=with_bias).bfloat16()
+    dense = PrepackedLinear(linear)
+    sparse = SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), linear.bias)
+    for module, rows in ((dense, cpu.TUNING.dense_decode_max_rows), (sparse, cpu.TUNING.decode_max_rows)):
+        native = module.native()
+        assert native.max_rows == rows
+        for m in range(1, rows + 1):
+            x = torch.randn(m, 72).bfloat16()
+            assert torch.equal(native(x), module.bound()(x))
+    assert SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), force="reference").native() is None
+
+
 @pytest.mark.parametrize("decode_max_rows, tile_rows", [(0, 16), (0, 50), (200, 512)])
 @pytest.mark.parametrize("m", [1, 9, 16, 33])
 def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):

@@ -330,3 +330,16 @@ def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="B == len"):
         sample(torch.zeros(2, 5), [_row()], EOS)
     assert sample(torch.zeros(0, 5), [], EOS).token_ids == []
+
+
+def test_argmax_rows_is_torch_argmax_with_ties_and_nan():
+    from sparse_serve.sampling import argmax_rows
+
+    x = torch.randn(5, 1000)
+    x[1, [7, 300]] = 50.0  # a tie: the first index wins
+    x[2, [10, 20]] = float("nan")  # a NaN counts as the maximum, the first one
+    x[3] = float("-inf")
+    x[4, 999] = float("inf")
+    for rows in (x, x[:, ::2], x[[2]]):
+        got = argmax_rows(rows)
+        assert got.dtype == torch.long and torch.equal(got, rows.argmax(dim=-1))

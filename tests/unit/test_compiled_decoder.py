@@ -1,0 +1,101 @@
+"""The compiled decoder stack (kernels/cpu/decoder.cpp): decode steps through it give the logits of the
+Python loop over the same kernels bit for bit, for a dense, a sparse and a structurally pruned model
+(bf16, the tiny model), and it stays off where some part of the model has no compiled form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.cpu import avx512_available, avx512_unavailable_reason
+from sparse_serve.config import EngineConfig
+from sparse_serve.engine import LLMEngine
+from sparse_serve.loader import load_for_serving
+from sparse_serve.models.llama import ENV_DECODER
+from sparse_serve.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not avx512_available(), reason=f"no AVX-512 kernels: {avx512_unavailable_reason()}")
+
+
+class Counting:
+    """The compiled decoder, counting its runs (to show a step went through it)."""
+
+    def __init__(self, decoder):
+        self.decoder, self.max_rows, self.runs = decoder, decoder.max_rows, 0
+
+    def run(self, *args):
+        self.runs += 1
+        return self.decoder.run(*args)
+
+
+def engine(path, monkeypatch, decoder: str) -> LLMEngine:
+    monkeypatch.setenv(ENV_DECODER, decoder)
+    model = load_for_serving(path, dtype=torch.bfloat16).model
+    return LLMEngine(model, eos_token_ids=[2], max_model_len=128, config=EngineConfig(), dtype=torch.bfloat16)
+
+
+def step_logits(eng: LLMEngine, prompts: list[list[int]], tokens: int) -> list[torch.Tensor]:
+    """The logits of every step while ``prompts`` decode ``tokens`` greedy tokens each."""
+    logits, execute = [], eng.runner.execute
+    eng.runner.execute = lambda chunks: logits.append(execute(chunks)) or logits[-1]
+    for i, prompt in enumerate(prompts):
+        eng.add_request(str(i), prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=tokens))
+    while eng.has_work():
+        eng.step()
+    return logits
+
+
+def checkpoint(kind: str, tiny_model_dir, pruned_dirs):
+    return tiny_model_dir if kind == "dense" else pruned_dirs / kind
+
+
+@pytest.mark.parametrize("kind, sequences", [("dense", 1), ("sparse", 1), ("sparse", 5), ("pruned", 1)])
+def test_decode_steps_equal_the_python_loop(tiny_model_dir, pruned_dirs, monkeypatch, kind, sequences):
+    path = checkpoint(kind, tiny_model_dir, pruned_dirs)
+    compiled, python = engine(path, monkeypatch, "compiled"), engine(path, monkeypatch, "python")
+    assert python.runner.net.compiled is None
+    counter = compiled.runner.net.compiled = Counting(compiled.runner.net.compiled)
+    prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(sequences)]  # different lengths
+    got, want = step_logits(compiled, prompts, 12), step_logits(python, prompts, 12)
+    assert counter.runs >= 10  # every pure decode step (the prefills take the Python loop)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_rows_beyond_the_linears_take_the_python_loop(tiny_model_dir, monkeypatch):
+    """The dense GEMV takes one row, so a dense model's decoder runs batch-1 steps only; two sequences
+    decoding together go through the Python loop (and still match it)."""
+    compiled, python = engine(tiny_model_dir, monkeypatch, "compiled"), engine(tiny_model_dir, monkeypatch, "python")
+    assert compiled.runner.net.compiled.max_rows == 1
+    counter = compiled.runner.net.compiled = Counting(compiled.runner.net.compiled)
+    prompts = [list(range(5, 20)), list(range(9, 30))]
+    got, want = step_logits(compiled, prompts, 6), step_logits(python, prompts, 6)
+    assert counter.runs == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_run_names_the_rows_it_takes(tiny_model_dir, monkeypatch):
+    decoder = engine(tiny_model_dir, monkeypatch, "compiled").runner.net.compiled
+    h = torch.zeros(2, 96, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="takes 1 to 1 rows, got 2"):
+        decoder.run(h, h, h, torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
+                    torch.ones(2, dtype=torch.long), [])
+
+
+def test_off_where_a_part_has_no_compiled_form(tiny_model_dir, monkeypatch):
+    def compiled(**env) -> object:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        model = load_for_serving(tiny_model_dir, dtype=torch.bfloat16).model
+        return LLMEngine(model, [2], 64, EngineConfig(), torch.bfloat16).runner.net.compiled
+
+    assert compiled() is not None
+    assert compiled(SPARSE_SERVE_FUSED_OPS="torch") is None  # the reference layer ops
+    monkeypatch.delenv("SPARSE_SERVE_FUSED_OPS")
+    float32 = load_for_serving(tiny_model_dir, dtype=torch.float32).model  # no float32 decode kernels
+    assert LLMEngine(float32, [2], 64, EngineConfig(), torch.float32).runner.net.compiled is None
+    gelu = load_for_serving(tiny_model_dir, dtype=torch.bfloat16).model
+    for layer in gelu.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    assert LLMEngine(gelu, [2], 64, EngineConfig(), torch.bfloat16).runner.net.compiled is None
+    with pytest.raises(ValueError, match="choose one of compiled, python"):
+        compiled(SPARSE_SERVE_DECODER="cpp")
