@@ -119,15 +119,15 @@ class Decoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace d = sparse_serve_decoder;
   namespace py = pybind11;
-  py::class_<d::Linear>(m, "Linear")
+  py::class_<d::Linear>(m, "Linear", py::module_local())
       .def_static("sparse", &d::Linear::make_sparse, "the sparse decode kernel on a packed bitmask weight")
       .def_static("dense", &d::Linear::make_dense, "the dense decode GEMV on a row-major bf16 weight")
       .def_readonly("max_rows", &d::Linear::max_rows)
       .def("__call__", &d::Linear::operator(), "y = x W^T + b for decode-sized x [T, K]");
-  py::class_<d::Layer>(m, "Layer")
+  py::class_<d::Layer>(m, "Layer", py::module_local())
       .def(py::init<torch::Tensor, double, torch::Tensor, double, d::Linear, d::Linear, d::Linear, d::Linear, int64_t,
                     int64_t, int64_t, double>());
-  py::class_<d::Decoder>(m, "Decoder")
+  py::class_<d::Decoder>(m, "Decoder", py::module_local())
       .def(py::init<std::vector<d::Layer>, torch::Tensor, double>())
       .def_property_readonly("max_rows", &d::Decoder::max_rows)
       .def("run", &d::Decoder::run, "every decoder layer of a decode step; returns the final norm of h");
