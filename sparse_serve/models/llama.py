@@ -102,7 +102,7 @@ class _Rotary:
     depend on the sequence length; the module itself for other types and beyond the table."""
 
     STATIC = frozenset({"default", "linear", "llama3"})
-    MAX_POSITIONS = 1 << 16  # 16 MB of bf16 tables at head_dim 128
+    MAX_POSITIONS = 1 << 15  # at most 8 MB a table (bf16, head_dim 128); later positions call the module
 
     def __init__(self, rotary: nn.Module, dtype: torch.dtype):
         self.rotary, self.table = rotary, None

@@ -99,3 +99,19 @@ def test_off_where_a_part_has_no_compiled_form(tiny_model_dir, monkeypatch):
     assert LLMEngine(gelu, [2], 64, EngineConfig(), torch.bfloat16).runner.net.compiled is None
     with pytest.raises(ValueError, match="choose one of compiled, python"):
         compiled(SPARSE_SERVE_DECODER="cpp")
+
+
+def test_rotary_table_is_the_module_and_falls_back_beyond_it(tiny_model_dir):
+    """cos/sin from the table equal the rotary module's at any positions, also past the table's end."""
+    from sparse_serve.models.llama import _Rotary
+
+    model = load_for_serving(tiny_model_dir, dtype=torch.bfloat16).model
+    module = model.model.rotary_emb
+    rotary = _Rotary(module, torch.bfloat16)
+    assert rotary.table is not None
+    n = rotary.table[0].shape[0]
+    h = torch.zeros(3, 96, dtype=torch.bfloat16)
+    for positions in (torch.tensor([0, 5, 77]), torch.tensor([1, n - 1, n + 3])):
+        cos, sin = rotary(h, positions)
+        want_cos, want_sin = module(h.unsqueeze(0), positions.unsqueeze(0))
+        assert torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
