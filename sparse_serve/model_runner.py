@@ -31,6 +31,12 @@ def num_kv_blocks(config: CacheConfig, shapes: Seq[tuple[int, int]], dtype: torc
     return max(1, int(config.kv_cache_gb * 2**30) // kv_bytes_per_block(shapes, config.block_size, dtype))
 
 
+def padded_tables(tables: Seq[list[int]]) -> Tensor:
+    """Block tables as one [B, max blocks] long tensor, each padded with block 0 ([0, 0] when B is 0)."""
+    width = max((len(t) for t in tables), default=0)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
+
+
 class ModelRunner:
     """The model, its paged KV cache and the per-step input preparation."""
 
@@ -71,11 +77,10 @@ class ModelRunner:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             tables.append(table[: pos // bs + 1])
-        width = max(len(t) for t in tables)
         rows = torch.arange(len(chunks))
         lens = torch.tensor(positions) + 1
         meta = AttentionMetadata(slots=torch.tensor(slots), decode_rows=rows, decode_lens=lens, prefills=[],
-                                 decode_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]))
+                                 decode_tables=padded_tables(tables))
         return self.net.forward(torch.tensor(ids), lens - 1, meta, self.caches, rows)
 
     def _metadata(self, chunks: Seq[Chunk], slots: Tensor) -> AttentionMetadata:
@@ -91,8 +96,6 @@ class ModelRunner:
                 table = torch.tensor(c.seq.block_table[:-(-ctx // self.block_size)], dtype=torch.long)
                 prefills.append(PrefillChunk(row, c.num_tokens, ctx, table))
             row += c.num_tokens
-        width = max((len(t) for t in decode_tables), default=0)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
         return AttentionMetadata(slots=slots, decode_rows=torch.tensor(decode_rows, dtype=torch.long),
-                                 decode_tables=tables.view(len(decode_tables), width),
+                                 decode_tables=padded_tables(decode_tables),
                                  decode_lens=torch.tensor(decode_ctx, dtype=torch.long), prefills=prefills)

@@ -18,6 +18,7 @@
 //       after the embedding and is updated in place, the caches get this step's keys and values.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
