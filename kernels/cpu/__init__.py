@@ -14,11 +14,12 @@ Contract:
   rows, each with the loop :func:`decode_plan` names for its size (measured on the machine once per
   process): each 32-column chunk expanded in a register, one weight row at a time or several in
   flight, or for a windowed weight each window's column indices compressed from its mask and the
-  activations permuted to the packed values (``vdpbf16ps`` every way). Up to ``pairs_max_rows`` rows of a weight whose share of
-  nonzero column pairs is at most ``pairs_max_density`` (``PackedBitmask.pair_density``; from ~67%
-  sparsity) take the pair gather: only the nonzero pairs are multiplied, each with 16 activation
-  rows at once. Otherwise it decompresses the weight (or tiles of it, within ``tile_bytes``) into a
-  reused scratch buffer and runs a dense GEMM on it (prefill).
+  activations permuted to the packed values (``vdpbf16ps`` every way). Up to ``panels_max_rows`` rows
+  take the panel GEMM: a register-blocked GEMM on panels of a few weight rows expanded a chunk at a
+  time into a small buffer; or, for a weight whose share of nonzero column pairs is at most
+  ``pairs_max_density`` (``PackedBitmask.pair_density``; from ~82% sparsity), the pair gather: only the
+  nonzero pairs are multiplied, each with 16 activation rows at once. More rows (prefill) decompress
+  the weight (or tiles of it, within ``tile_bytes``) into a reused scratch buffer and run a dense GEMM.
 * ``cpu_dense`` (priority 5; every float dtype) is the fallback on any CPU: ``pack`` decompresses
   once and prepacks the weight for oneDNN, ``apply`` runs :func:`dense_linear`, so a machine without
   AVX-512 is no slower than dense (nor smaller).
@@ -176,16 +177,17 @@ class CpuTuning:
     on another, same model, rows in flight was 1.5x faster than streaming and 1.9x faster than windowed
     at one row, while windowed still won at two. So ``decode_plan=None`` (the default) measures them
     once per process (:func:`decode_plan`); a :class:`DecodePlan` fixes them.
-    From ``decode_max_rows`` + 1 to ``pairs_max_rows`` rows, weights with at most ``pairs_max_density``
-    nonzero column pairs (random masks: 0.51 at 70% sparsity, 0.64 at 60%) take the pair gather
-    (bitmask_linear.cpp): at 70-80% it ran 0.85-1.16x of oneDNN on 32 and 64 rows where decompress +
-    GEMM ran 0.67-0.92x; at 60% it lost to decompress + GEMM on the 576- and 1536-wide shapes, whose
-    decompressed weight stays in cache. Beyond 64 rows it lists every row's pairs again per 64
-    activation rows, and decompress + GEMM wins."""
+    From ``decode_max_rows`` + 1 to ``panels_max_rows`` rows the panel GEMM runs (bitmask_linear.cpp):
+    on 4096x4096 with weights from memory it ran 0.89-0.98x of oneDNN's prepacked GEMM at 16-64 rows
+    and 50-80% sparsity, where decompress + GEMM ran 0.52-0.93x and the pair gather 0.6-0.94x. Weights
+    with at most ``pairs_max_density`` nonzero column pairs (random masks: 0.36 at 80% sparsity, 0.28
+    at 85%, 0.19 at 90%) take the pair gather instead, which multiplies only those: the two tied at 80%,
+    the pair gather won at 85% (1.02-1.04x against 0.90-0.96x) and 90% (1.35-1.52x against 0.98x).
+    Beyond 64 rows decompress + GEMM wins (0.78-0.88x against the panels' 0.77-0.79x at 128-256 rows)."""
 
     decode_max_rows: int = 16
-    pairs_max_rows: int = 64
-    pairs_max_density: float = 0.55
+    panels_max_rows: int = 64
+    pairs_max_density: float = 0.33
     dense_decode_max_rows: int = 1
     decode_plan: DecodePlan | None = None
     window_max_overfull: float = 0.15
@@ -315,15 +317,17 @@ _SHARED = torch.empty(0, dtype=torch.bfloat16)
 
 
 def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, the pair gather for a few dozen rows of a
-    sparse enough weight, tiled decompress + GEMM otherwise."""
+    """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, the panel GEMM (or for a very sparse weight
+    the pair gather) for a few dozen rows, tiled decompress + GEMM for more."""
     _check_input(x, packed.shape)
     if x.shape[0] <= TUNING.decode_max_rows:
         plan = decode_plan()
         loops = plan.windowed if packed.windowed else plan.plain  # a tuple: the binding takes any sequence
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, loops)
-    if x.shape[0] <= TUNING.pairs_max_rows and packed.pair_density <= TUNING.pairs_max_density:
-        return extension().bitmask_gemm_pairs(x, packed.masks, packed.values, packed.row_offsets, bias)
+    if x.shape[0] <= TUNING.panels_max_rows:
+        many_rows = extension().bitmask_gemm_pairs if packed.pair_density <= TUNING.pairs_max_density else \
+            extension().bitmask_gemm_panels
+        return many_rows(x, packed.masks, packed.values, packed.row_offsets, bias)
     n, k = packed.shape
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     rows = TUNING.rows_per_tile(n, k)

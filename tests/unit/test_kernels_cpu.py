@@ -40,9 +40,9 @@ def assert_close_bf16(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.fixture()
 def tuning():
-    saved = (cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.pairs_max_rows, cpu.TUNING.decode_plan)
+    saved = (cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.panels_max_rows, cpu.TUNING.decode_plan)
     yield cpu.TUNING
-    cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.pairs_max_rows, cpu.TUNING.decode_plan = saved
+    cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.panels_max_rows, cpu.TUNING.decode_plan = saved
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)
@@ -110,7 +110,7 @@ def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
     """The decode and the decompress + GEMM paths of the AVX-512 kernel, whichever the tuning picks, with
     partial last tiles (the pair gather turned off)."""
     kernel = kernel_or_skip("cpu_avx512")
-    tuning.decode_max_rows, tuning.tile_rows, tuning.pairs_max_rows = decode_max_rows, tile_rows, 0
+    tuning.decode_max_rows, tuning.tile_rows, tuning.panels_max_rows = decode_max_rows, tile_rows, 0
     w = sparse_weight(101, 200, 0.7, seed=m)
     x = torch.randn(m, 200).bfloat16()
     bias = torch.randn(101).bfloat16()
@@ -214,20 +214,22 @@ def test_pack_chooses_the_windowed_loop_when_few_windows_overflow(monkeypatch):
     assert [list(c) for c in calls] == [list(plan.windowed), list(plan.plain)]
 
 
+@pytest.mark.parametrize("op", ["bitmask_gemm_pairs", "bitmask_gemm_panels"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])
-@pytest.mark.parametrize("n, k", [(19, 64), (9, 129), (6, 31), (130, 40), (40, 1000)])  # tails; several K-blocks
-def test_pair_gather_equals_reference(sparsity, n, k):
-    """The pair gather for 1 to 130 activation rows (1-4 register groups of 16, a partial group, a second
-    pass of 64 rows), with and without bias, equals the reference whatever the pairs hold."""
+@pytest.mark.parametrize("n, k", [(19, 64), (9, 129), (6, 31), (5, 40), (130, 40), (40, 1000)])  # tails; K-blocks
+def test_many_row_kernels_equal_reference(op, sparsity, n, k):
+    """The pair gather and the panel GEMM for 1 to 130 activation rows (1-4 register groups of 16, a partial
+    group, a second pass of 64 rows; panels of 6-16 weight rows with a partial last one, or fewer rows than
+    one), with and without bias, equal the reference whatever the weight holds."""
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
     w = sparse_weight(n, k, sparsity, seed=3 * n + k)
     bitmask = compress(w)
     packed = cpu.pack_avx512(bitmask)
-    for m, with_bias in ((1, True), (16, False), (17, True), (33, False), (64, True), (65, True), (130, False)):
+    for m, with_bias in ((1, True), (16, False), (17, True), (33, False), (48, True), (64, True), (65, True), (130, False)):
         x = torch.randn(m, k).bfloat16()
         bias = torch.randn(n).bfloat16() if with_bias else None
-        y = cpu.extension().bitmask_gemm_pairs(x, packed.masks, packed.values, packed.row_offsets, bias)
+        y = getattr(cpu.extension(), op)(x, packed.masks, packed.values, packed.row_offsets, bias)
         assert_close_bf16(y, bitmask_linear_reference(x, bitmask, bias))
 
 
@@ -238,20 +240,21 @@ def test_pair_density_counts_column_pairs_with_a_nonzero():
     assert cpu.pair_density(compress(sparse_weight(64, 256, 0.7)).bitmask) == pytest.approx(1 - 0.7**2, abs=0.03)
 
 
-def test_apply_takes_the_pair_gather_for_a_few_dozen_rows_of_a_sparse_weight(monkeypatch):
-    """17-64 rows of a 70% sparse weight take the pair gather; a 30% sparse weight, or 65 rows, decompress."""
+def test_apply_takes_panels_or_the_pair_gather_for_a_few_dozen_rows(monkeypatch):
+    """17-64 rows take the panel GEMM, or the pair gather for a 90% sparse weight; 65 rows decompress; 16 decode."""
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
-    sparse, dense = cpu.pack_avx512(compress(sparse_weight(48, 256, 0.7))), cpu.pack_avx512(compress(sparse_weight(48, 256, 0.3)))
-    assert sparse.pair_density <= cpu.TUNING.pairs_max_density < dense.pair_density
+    sparse, denser = (cpu.pack_avx512(compress(sparse_weight(48, 256, s))) for s in (0.9, 0.7))
+    assert sparse.pair_density <= cpu.TUNING.pairs_max_density < denser.pair_density
+    cpu.decode_plan()  # measured (on its own decode calls) before the calls are recorded
     ext, calls = cpu.extension(), []
     monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {
         name: staticmethod(lambda *a, _f=getattr(ext, name), _n=name: calls.append(_n) or _f(*a))
-        for name in ("bitmask_gemm_decode", "bitmask_gemm_pairs", "bitmask_decompress_into")}))
-    for m, packed in ((17, sparse), (64, sparse), (65, sparse), (17, dense), (16, sparse)):
+        for name in ("bitmask_gemm_decode", "bitmask_gemm_pairs", "bitmask_gemm_panels", "bitmask_decompress_into")}))
+    for m, packed in ((17, denser), (64, denser), (17, sparse), (64, sparse), (65, denser), (16, denser)):
         cpu.apply_avx512(torch.randn(m, 256).bfloat16(), packed)
-    assert calls == ["bitmask_gemm_pairs", "bitmask_gemm_pairs", "bitmask_decompress_into", "bitmask_decompress_into",
-                     "bitmask_gemm_decode"]
+    assert calls == ["bitmask_gemm_panels", "bitmask_gemm_panels", "bitmask_gemm_pairs", "bitmask_gemm_pairs",
+                     "bitmask_decompress_into", "bitmask_gemm_decode"]
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 11])
@@ -342,3 +345,21 @@ def test_sparsify_linears_swaps_modules_and_keeps_outputs(tiny_model):
     assert len(replaced) == 7
     assert isinstance(model.get_submodule(replaced[0]), SparseLinear)
     torch.testing.assert_close(after.float(), before.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("op", ["bitmask_gemm_pairs", "bitmask_gemm_panels"])
+def test_many_row_kernels_round_like_torch(op):
+    """With one nonzero per weight row every sum is exact, so the bf16 outputs (bias added, then one rounding
+    to nearest even) must equal torch's bit for bit, ties and tiny values included."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    gen = torch.Generator().manual_seed(5)
+    n, k, m = 37, 100, 45
+    w = torch.zeros(n, k)
+    w[torch.arange(n), torch.randint(0, k, (n,), generator=gen)] = torch.randn(n, generator=gen) * 1e-3
+    w = w.bfloat16()
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-30, 30, k)).bfloat16()
+    bias = (torch.randn(n, generator=gen) * 1e-2).bfloat16()
+    packed = cpu.pack_avx512(compress(w))
+    y = getattr(cpu.extension(), op)(x, packed.masks, packed.values, packed.row_offsets, bias)
+    assert torch.equal(y, torch.addmm(bias.float(), x.float(), w.float().T).bfloat16())
