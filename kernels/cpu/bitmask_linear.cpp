@@ -466,7 +466,10 @@ constexpr PairFn kPairs[kPairMaxGroups] = {pair_rows<1>, pair_rows<2>, pair_rows
 // 16 G NR vdpbf16ps against NR expands: the decompression costs 2-6% of the products at G = 4 and the
 // arithmetic is a dense GEMM's, so on Zen 4 it runs at 0.9-1.0x of oneDNN's prepacked GEMM at 16-64
 // rows where the pair gather ran 0.6-0.9x below ~80% sparsity (its products cost a load each).
-// G = 4 takes NR = 6 (24 accumulators + 4 activation registers of the 32), fewer groups more rows.
+// G = 4 takes NR = 6 (24 accumulators + 4 activation registers of the 32), fewer groups 8 rows: more rows
+// per panel, though the registers would hold them, measured slower (16 rows at G = 1 and 12 at G = 2 ran
+// 0.80-1.01x and 0.92-1.07x of oneDNN at 16 and 32 activation rows, 8 rows 0.85-1.08x and 0.96-1.08x;
+// same-process A/B, weights from memory): fewer weight streams at once for the prefetchers.
 template <int NR>
 inline void expand_rows(const uint32_t* const* mrow, const bf16** ptr, int64_t c, int32_t (*buf)[16]) {
 #pragma GCC unroll 16
@@ -521,8 +524,8 @@ void panel_rows(const uint32_t* masks, const bf16* values, const int64_t* row_of
 
 using PanelFn = void (*)(const uint32_t*, const bf16*, const int64_t*, const int32_t*, int64_t, int64_t, int64_t,
                         int64_t, float*);
-constexpr PanelFn kPanels[kPairMaxGroups] = {panel_rows<1, 16>, panel_rows<2, 12>, panel_rows<3, 8>, panel_rows<4, 6>};
-constexpr int64_t kPanelRows[kPairMaxGroups] = {16, 12, 8, 6};
+constexpr PanelFn kPanels[kPairMaxGroups] = {panel_rows<1, 8>, panel_rows<2, 8>, panel_rows<3, 8>, panel_rows<4, 6>};
+constexpr int64_t kPanelRows[kPairMaxGroups] = {8, 8, 8, 6};
 
 // r[j] <- column j of the 16 x 16 dword matrix whose rows are r[0 .. 15].
 inline void transpose16(__m512i* r) {

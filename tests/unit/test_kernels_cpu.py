@@ -219,7 +219,7 @@ def test_pack_chooses_the_windowed_loop_when_few_windows_overflow(monkeypatch):
 @pytest.mark.parametrize("n, k", [(19, 64), (9, 129), (6, 31), (5, 40), (130, 40), (40, 1000)])  # tails; K-blocks
 def test_many_row_kernels_equal_reference(op, sparsity, n, k):
     """The pair gather and the panel GEMM for 1 to 130 activation rows (1-4 register groups of 16, a partial
-    group, a second pass of 64 rows; panels of 6-16 weight rows with a partial last one, or fewer rows than
+    group, a second pass of 64 rows; panels of 6 or 8 weight rows with a partial last one, or fewer rows than
     one), with and without bias, equal the reference whatever the weight holds."""
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
