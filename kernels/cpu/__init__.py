@@ -178,10 +178,11 @@ class CpuTuning:
     at one row, while windowed still won at two. So ``decode_plan=None`` (the default) measures them
     once per process (:func:`decode_plan`); a :class:`DecodePlan` fixes them.
     From ``decode_max_rows`` + 1 to ``panels_max_rows`` rows the panel GEMM runs (bitmask_linear.cpp):
-    0.90-1.16x of oneDNN's prepacked GEMM at 32 and 64 rows, 50-80% sparsity, SmolLM2's and LLaMA-7B's
-    shapes (benchmarks/kernels.py, weights from memory), where the pair gather and decompress + GEMM
-    had run 0.42-1.18x. At 16 rows it ran 0.83-0.91x on 4096-wide shapes and 0.74-1.02x on SmolLM2's,
-    against the decode kernel's 0.59-0.99x and 0.96-1.27x, which keeps them. Weights
+    0.84-1.21x and 0.90-1.16x (two runs) of oneDNN's prepacked GEMM at 32 and 64 rows, 50-80% sparsity,
+    SmolLM2's and LLaMA-7B's shapes (benchmarks/kernels.py, weights from memory), where the pair gather
+    and decompress + GEMM had run 0.42-1.18x. At 16 rows it ran 0.84-1.08x at 70% and 0.86-1.04x at 50%
+    against the decode kernel's 0.76-1.19x and 0.73-1.02x (same process): better on the 4096-wide
+    shapes at 50%, worse on SmolLM2's at 70%, so the decode kernel keeps 16 rows. Weights
     with at most ``pairs_max_density`` nonzero column pairs (random masks: 0.36 at 80% sparsity, 0.28
     at 85%, 0.19 at 90%) take the pair gather instead, which multiplies only those: the two tied at 80%,
     the pair gather won at 85% (1.02-1.04x against 0.90-0.96x) and 90% (1.35-1.52x against 0.98x).
