@@ -121,3 +121,22 @@ def prepack_linears(model: nn.Module, decode_rows: bool = True) -> list[str]:
             setattr(model.get_submodule(parent_name), child, PrepackedLinear(module, decode_rows))
             replaced.append(name)
     return replaced
+
+
+def decode_weights(model: nn.Module) -> list[Tensor]:
+    """The CPU tensors a decode step streams: each sparse linear's packed tensors and each prepacked
+    linear's row-major weight (the GEMV's; oneDNN's prepacked copy is opaque), with every parameter that
+    views the same memory (an embedding tied to the LM head), for :func:`kernels.hugepages.place_in_huge_pages`."""
+    streamed: list[Tensor] = []
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            streamed += [t for t in vars(module.packed).values()
+                         if isinstance(t, Tensor) and t.device.type == "cpu" and t.layout == torch.strided]
+        elif isinstance(module, PrepackedLinear) and module.packed.rows is not None:
+            streamed.append(module.packed.rows)
+    spans = {_span(t) for t in streamed}
+    return streamed + [p for p in model.parameters() if p.device.type == "cpu" and _span(p) in spans]
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t.numel() * t.element_size()

@@ -9,7 +9,9 @@ running the kernel the registry selects for the device and dtype (``kernel`` for
 ``dense_gemv``, also kept row-major for the AVX-512 one-row GEMV that decode steps at batch 1 use (an
 LM head tied to the embedding shares its storage; other dense weights are held twice). With ``fuse``
 q/k/v and gate/up become one linear each (:mod:`sparse_serve.fusion`; the originals are views of it).
-``dense=True`` decompresses everything instead (the baseline the speedups are measured against).
+``dense=True`` decompresses everything instead (the baseline the speedups are measured against). With
+``huge_pages`` the tensors a decode step streams (:func:`kernels.linear.decode_weights`) move into one
+transparent-huge-page mapping (:mod:`kernels.hugepages`; ``ServingModel.huge_pages`` is it, or why not).
 ``ServingModel.facts`` describes the compression for ``/v1/models`` and the metrics.
 """
 
@@ -23,7 +25,8 @@ from torch import nn
 
 from compress.adapter import get_adapter
 from compress.checkpoint import load_checkpoint
-from kernels.linear import SparseLinear, prepack_linears, sparsify_linears
+from kernels.hugepages import HugePageArena, place_in_huge_pages
+from kernels.linear import SparseLinear, decode_weights, prepack_linears, sparsify_linears
 from sparse_serve.fusion import fuse_linears
 from sparse_serve.models import paged_class
 
@@ -36,6 +39,7 @@ class ServingModel:
     tokenizer: object
     sparse_linears: list[str] = field(default_factory=list)
     facts: dict[str, object] = field(default_factory=dict)
+    huge_pages: HugePageArena | str = "not requested"  # where the streamed weights live, or why not there
 
     @property
     def variant(self) -> str:
@@ -44,7 +48,8 @@ class ServingModel:
 
 def load_for_serving(path: str | Path, dtype: torch.dtype = torch.bfloat16, dense: bool = False,
                      compress_threshold: float = 0.3, kernel: str | None = None,
-                     prepack: bool = True, fuse: bool = True, dense_gemv: bool = True) -> ServingModel:
+                     prepack: bool = True, fuse: bool = True, dense_gemv: bool = True,
+                     huge_pages: bool = True) -> ServingModel:
     """The model at ``path`` with its sparse linears on the sparse kernels (see the module docstring)."""
     loaded = load_checkpoint(path, dtype=dtype, decompress=dense,
                              compress_threshold=None if dense else compress_threshold)
@@ -55,7 +60,8 @@ def load_for_serving(path: str | Path, dtype: torch.dtype = torch.bfloat16, dens
     if prepack:
         prepack_linears(loaded.model, decode_rows=dense_gemv)
     facts = compression_facts(loaded, replaced)
-    return ServingModel(loaded.model.eval(), loaded.tokenizer, replaced, facts)
+    arena = place_in_huge_pages(decode_weights(loaded.model)) if huge_pages else "not requested"
+    return ServingModel(loaded.model.eval(), loaded.tokenizer, replaced, facts, arena)
 
 
 def compression_facts(loaded, sparse_linears: list[str]) -> dict[str, object]:

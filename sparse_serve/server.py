@@ -471,7 +471,7 @@ def load_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, server_cfg: Ser
     path = resolve_model(model_cfg.model)
     dtype = getattr(torch, model_cfg.dtype)
     loaded = load_for_serving(path, dtype=dtype, dense=model_cfg.dense, kernel=model_cfg.kernel,
-                              dense_gemv=model_cfg.dense_gemv)
+                              dense_gemv=model_cfg.dense_gemv, huge_pages=model_cfg.huge_pages)
     config = loaded.model.config
     max_len = model_cfg.max_model_len or min(getattr(config, "max_position_embeddings", 2048), 8192)
     engine = LLMEngine(loaded.model, eos_token_ids(loaded.model, loaded.tokenizer), max_len, engine_cfg, dtype)

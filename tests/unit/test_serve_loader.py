@@ -59,3 +59,25 @@ def test_cli_names_a_missing_or_unsupported_model_directory(tmp_path, capsys):
     assert "neither a local checkpoint directory nor a bundled model" in capsys.readouterr().err
     assert main([str(tmp_path), "--port", "0"]) == 2  # a directory without config.json: no server starts
     assert "has no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_huge_pages_hold_every_streamed_weight_and_change_no_logit(sparse_dir, dense):
+    from kernels.hugepages import why_no_huge_pages
+    from kernels.linear import decode_weights
+
+    placed = load_for_serving(sparse_dir, dense=dense)
+    plain = load_for_serving(sparse_dir, dense=dense, huge_pages=False)
+    assert plain.huge_pages == "not requested"
+    if why_no_huge_pages():
+        assert placed.huge_pages == why_no_huge_pages()
+        return
+    arena = placed.huge_pages
+    memory = torch.frombuffer(arena.mapping, dtype=torch.uint8)
+    lo, hi = memory.data_ptr(), memory.data_ptr() + memory.numel()
+    weights = decode_weights(placed.model)
+    assert weights and all(lo <= w.data_ptr() < hi for w in weights)
+    assert not any(lo <= w.data_ptr() < hi for w in decode_weights(plain.model))
+    ids = torch.randint(3, 200, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(placed.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)
