@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 HUGE_PAGE = 2 * 2**20
-SLOT_ALIGN = 64  # a cache line: the kernels' 64-byte loads never straddle two slots' lines needlessly
+SLOT_ALIGN = 64  # a cache line: each tensor starts on one, as torch's own allocator places them
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 

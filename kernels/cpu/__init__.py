@@ -328,8 +328,8 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
         loops = plan.windowed if packed.windowed else plan.plain  # a tuple: the binding takes any sequence
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, loops)
     if x.shape[0] <= TUNING.panels_max_rows:
-        many_rows = extension().bitmask_gemm_pairs if packed.pair_density <= TUNING.pairs_max_density else \
-            extension().bitmask_gemm_panels
+        ext = extension()
+        many_rows = ext.bitmask_gemm_pairs if packed.pair_density <= TUNING.pairs_max_density else ext.bitmask_gemm_panels
         return many_rows(x, packed.masks, packed.values, packed.row_offsets, bias)
     n, k = packed.shape
     y = torch.empty(x.shape[0], n, dtype=x.dtype)

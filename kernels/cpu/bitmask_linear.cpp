@@ -464,7 +464,7 @@ constexpr PairFn kPairs[kPairMaxGroups] = {pair_rows<1>, pair_rows<2>, pair_rows
 // broadcast from the buffer and multiplied with G registers of transposed activations (16 rows each, as
 // in the pair gather), G x NR float32 accumulators held in registers over all of K. Per chunk that is
 // 16 G NR vdpbf16ps against NR expands: the decompression costs 2-6% of the products at G = 4 and the
-// arithmetic is a dense GEMM's, so on Zen 4 it runs at 0.9-1.0x of oneDNN's prepacked GEMM at 16-64
+// arithmetic is a dense GEMM's, so on Zen 4 it runs at 0.84-1.21x of oneDNN's prepacked GEMM at 32-64
 // rows where the pair gather ran 0.6-0.9x below ~80% sparsity (its products cost a load each).
 // G = 4 takes NR = 6 (24 accumulators + 4 activation registers of the 32), fewer groups 8 rows: more rows
 // per panel, though the registers would hold them, measured slower (16 rows at G = 1 and 12 at G = 2 ran
