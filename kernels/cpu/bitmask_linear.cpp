@@ -37,8 +37,21 @@ using bf16 = uint16_t;
 constexpr int64_t kChunk = 32;  // bf16 lanes of one 512-bit register
 constexpr int64_t kPrefetchBytes = 512;  // how far ahead each row's value stream is prefetched
 
+// A register of zeros the compiler cannot see through. Zen 4 gives the zero-masking forms of vpexpandw,
+// vpcompressb and vpcompressd a dependency on the old value of their destination register, so a loop
+// whose expands all land in one register runs them one after another: a lone weight row decoded at 4.7
+// TSC ticks per 32-column chunk, two rows interleaved at 2.6 (kernel alone, in cache). Merging into a
+// register zeroed by a dependency-breaking idiom instead takes the chain away: the lone row at 2.9, and
+// SmolLM2's 120 decoder linears (70% sparse, batch 1, two threads, from memory) 1.22x faster in the
+// streaming loop and 1.36x in the windowed one. (A plain zero would be folded back into the {z} form.)
+inline __m512i fresh_zero() {
+  __m512i z;
+  asm("vpxord %0, %0, %0" : "=v"(z));
+  return z;
+}
+
 inline __m512i expand_chunk(const bf16* ptr, uint32_t mask) {
-  return _mm512_maskz_expand_epi16(mask, _mm512_loadu_si512(static_cast<const void*>(ptr)));
+  return _mm512_mask_expand_epi16(fresh_zero(), mask, _mm512_loadu_si512(static_cast<const void*>(ptr)));
 }
 
 // Adds to out[m * n_out + n] the products over chunks [c0, c1) for weight rows n0 .. n0+R-1 and
@@ -220,7 +233,7 @@ inline const bf16* window_step(__m512* acc, __m512* spill, const bf16* ptr, uint
                                const bf16* x, int64_t x_stride) {
   const int count = static_cast<int>(_mm_popcnt_u64(mask));
   _mm_prefetch(reinterpret_cast<const char*>(ptr) + 2 * kPrefetchBytes, _MM_HINT_T0);
-  const __m512i idx = _mm512_maskz_compress_epi8(mask, iota);  // byte j: column of the j-th nonzero
+  const __m512i idx = _mm512_mask_compress_epi8(fresh_zero(), mask, iota);  // byte j: column of the j-th nonzero
   window_products<MB>(acc, ptr, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(idx)), std::min(count, 32), x,
                       x_stride);
   if (count > 32) {
@@ -381,8 +394,8 @@ inline int64_t list_pairs(const uint32_t* mrow, const bf16*& ptr, int64_t c0, in
     ptr += _mm_popcnt_u32(mask);
     const auto live = static_cast<__mmask16>(_pext_u32(mask | (mask >> 1), 0x55555555u));  // pairs with a nonzero
     const __m512i number = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(16 * (c - c0))));
-    _mm512_storeu_si512(static_cast<void*>(pairs + count), _mm512_maskz_compress_epi32(live, w));
-    _mm512_storeu_si512(static_cast<void*>(index + count), _mm512_maskz_compress_epi32(live, number));
+    _mm512_storeu_si512(static_cast<void*>(pairs + count), _mm512_mask_compress_epi32(fresh_zero(), live, w));
+    _mm512_storeu_si512(static_cast<void*>(index + count), _mm512_mask_compress_epi32(fresh_zero(), live, number));
     count += _mm_popcnt_u32(live);
   }
   for (; count % pad != 0; ++count) {
