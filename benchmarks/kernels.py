@@ -9,7 +9,10 @@ selects for CPU bf16 (``--kernel`` forces one). Calls alternate oneDNN, engine d
 per-round ratios oneDNN time / sparse time (with the 25-75% spread), ``vs best`` the same against the
 faster of the two dense paths in that round.
 Weights are cycled through enough copies (> ``--cache-bust-mib`` in total) that every call reads its
-weight from memory, as decoding does. Memory per layer compares the bytes each format holds.
+weight from memory, as decoding does, and (unless ``--no-huge-pages``) the sparse copies and the engine's
+dense GEMV rows live in transparent huge pages as the server places them (kernels/hugepages.py); oneDNN's
+prepacked weights are opaque tensors that stay in the pages oneDNN allocated. Memory per layer compares the
+bytes each format holds.
 
     python benchmarks/kernels.py                                 # the full table (about 10 minutes)
     python benchmarks/kernels.py --shapes 4096x4096 --batches 1,8 --sparsities 0.7 --threads 1
@@ -33,6 +36,7 @@ from common import run_facts  # first: takes this folder off sys.path, so `kerne
 
 from kernels.bitmask import compress  # noqa: E402
 from kernels.cpu import LOOPS, TUNING, DecodePlan, PrepackedDense, decode_plan, dense_linear, prepack_dense  # noqa: E402
+from kernels.hugepages import place_in_huge_pages  # noqa: E402
 from kernels.registry import select  # noqa: E402
 
 SHAPES = ("576x1536", "1536x576", "4096x4096", "11008x4096", "4096x11008")
@@ -65,6 +69,12 @@ def random_sparse(n: int, k: int, sparsity: float, seed: int) -> torch.Tensor:
     return w.scatter_(1, drop, 0)
 
 
+def packed_tensors(packed) -> list[torch.Tensor]:
+    """The tensors a packed weight holds (its dataclass fields), as the server places them in huge pages."""
+    fields = getattr(packed, "__dataclass_fields__", {})
+    return [v for v in (getattr(packed, f) for f in fields) if isinstance(v, torch.Tensor)]
+
+
 def clone_packed(packed):
     """An independent copy of a packed weight (same data, other memory)."""
     if hasattr(packed, "__dataclass_fields__"):
@@ -95,6 +105,10 @@ def measure(shape: str, sparsity: float, batches: list[int], threads: int, args)
     onednn_w = [prepack_dense(weight.clone(), decode_rows=False) for _ in range(copies_for(dense_bytes, args.cache_bust_mib))]
     engine_w = [PrepackedDense(w.weight, w.prepacked, w.shape, rows=weight.clone()) for w in onednn_w]
     sparse_w = [packed] + [clone_packed(packed) for _ in range(copies_for(sparse_bytes, args.cache_bust_mib) - 1)]
+    if args.huge_pages:  # held until the point is measured: the arena keeps the mapping alive
+        arena = place_in_huge_pages([t for w in sparse_w for t in packed_tensors(w)] + [w.rows for w in engine_w])
+        if isinstance(arena, str):
+            print(f"  weights stay in normal pages: {arena}", flush=True)
     rows = []
     torch.set_num_threads(threads)
     for m in batches:
@@ -176,6 +190,8 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=50, help="most calls per round")
     p.add_argument("--budget-s", type=float, default=1.5, help="rough seconds per point (caps --calls)")
     p.add_argument("--cache-bust-mib", type=int, default=160, help="weights cycled per point, MiB")
+    p.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                   help="place the sparse weights and the dense GEMV rows in huge pages, as the server does")
     p.add_argument("--kernel", default=None, help="force a registered kernel (default: the selected one)")
     p.add_argument("--decode-loop", choices=["auto", *LOOPS], default="auto",
                    help="the decode loop for every pass (default: the fastest measured on this machine)")

@@ -10,7 +10,7 @@ Contract:
   regroups the bitmask into one uint32 word per 32 columns and pads the values; no weight is
   kept dense; it also counts the 64-column windows holding more than 32 nonzeros and marks the
   weight ``windowed`` when they are rare (at most ``window_max_overfull``, true from ~60% sparsity).
-  ``apply`` runs the decode kernel for up to ``decode_max_rows`` activation rows, in passes of up to 8
+  ``apply`` runs the decode kernel for up to ``decode_rows(K)`` activation rows, in passes of up to 8
   rows, each with the loop :func:`decode_plan` names for its size (measured on the machine once per
   process): each 32-column chunk expanded in a register, one weight row at a time or several in
   flight, or for a windowed weight each window's column indices compressed from its mask and the
@@ -182,13 +182,20 @@ class CpuTuning:
     SmolLM2's and LLaMA-7B's shapes (benchmarks/kernels.py, weights from memory), where the pair gather
     and decompress + GEMM had run 0.42-1.18x. At 16 rows it ran 0.84-1.08x at 70% and 0.86-1.04x at 50%
     against the decode kernel's 0.76-1.19x and 0.73-1.02x (same process): better on the 4096-wide
-    shapes at 50%, worse on SmolLM2's at 70%, so the decode kernel keeps 16 rows. Weights
+    shapes at 50%, worse on SmolLM2's at 70%. Measured again at 9-16 rows (same process, 50% and 70%):
+    on weights more than ``wide_cols`` columns wide (3072-11008) the panels matched or beat the decode
+    kernel from 14 rows (0.82-1.22x against 0.67-1.11x) and lost below (at 13 rows and 70%, 0.80-0.93x
+    against 0.76-1.14x; at 9 rows 0.71-0.79x against 0.77-1.21x); on 576-2048 columns the decode kernel
+    won up to 16 rows but for 2048x2048 at 50%. So the decode kernel takes up to ``decode_max_rows``
+    rows, and up to ``wide_decode_max_rows`` on wider weights (:meth:`decode_rows`). Weights
     with at most ``pairs_max_density`` nonzero column pairs (random masks: 0.36 at 80% sparsity, 0.28
     at 85%, 0.19 at 90%) take the pair gather instead, which multiplies only those: the two tied at 80%,
     the pair gather won at 85% (1.02-1.04x against 0.90-0.96x) and 90% (1.35-1.52x against 0.98x).
     Beyond 64 rows decompress + GEMM wins (0.78-0.88x against the panels' 0.77-0.79x at 128-256 rows)."""
 
     decode_max_rows: int = 16
+    wide_cols: int = 2048
+    wide_decode_max_rows: int = 13
     panels_max_rows: int = 64
     pairs_max_density: float = 0.33
     dense_decode_max_rows: int = 1
@@ -196,6 +203,10 @@ class CpuTuning:
     window_max_overfull: float = 0.15
     tile_bytes: int = 64 * 2**20
     tile_rows: int | None = None
+
+    def decode_rows(self, k: int) -> int:
+        """The most activation rows the decode kernel takes for a weight ``k`` columns wide."""
+        return self.decode_max_rows if k <= self.wide_cols else min(self.decode_max_rows, self.wide_decode_max_rows)
 
     def rows_per_tile(self, n: int, k: int) -> int:
         return self.tile_rows or min(n, max(CHUNK, self.tile_bytes // (2 * k)))
@@ -323,7 +334,7 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
     """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, the panel GEMM (or for a very sparse weight
     the pair gather) for a few dozen rows, tiled decompress + GEMM for more."""
     _check_input(x, packed.shape)
-    if x.shape[0] <= TUNING.decode_max_rows:
+    if x.shape[0] <= TUNING.decode_rows(packed.shape[1]):
         plan = decode_plan()
         loops = plan.windowed if packed.windowed else plan.plain  # a tuple: the binding takes any sequence
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, loops)
@@ -364,7 +375,7 @@ def bind_avx512(packed: PackedBitmask, bias: Tensor | None) -> Callable[[Tensor]
     bias32 = _float_bias(bias)
 
     def forward(x: Tensor) -> Tensor:  # x [M, K] bf16 -> [M, N]
-        if x.shape[0] <= TUNING.decode_max_rows and x.dim() == 2 and x.shape[1] == packed.shape[1]:
+        if x.shape[0] <= TUNING.decode_rows(packed.shape[1]) and x.dim() == 2 and x.shape[1] == packed.shape[1]:
             plan = decode_plan()
             return decode(x, masks, values, offsets, bias32, plan.windowed if windowed else plan.plain)
         return apply_avx512(x, packed, bias)
@@ -373,13 +384,13 @@ def bind_avx512(packed: PackedBitmask, bias: Tensor | None) -> Callable[[Tensor]
 
 def native_avx512(packed: PackedBitmask, bias: Tensor | None) -> object | None:
     """:func:`bind_avx512`'s decode path as a linear of the compiled decoder (its loops: this process's
-    :func:`decode_plan`, fixed now), for up to ``decode_max_rows`` rows."""
+    :func:`decode_plan`, fixed now), for up to ``TUNING.decode_rows(K)`` rows."""
     ext = decoder_extension()
     if isinstance(ext, str):
         return None
     plan = decode_plan()
     return ext.Linear.sparse(packed.masks, packed.values, packed.row_offsets, _float_bias(bias),
-                             list(plan.windowed if packed.windowed else plan.plain), TUNING.decode_max_rows)
+                             list(plan.windowed if packed.windowed else plan.plain), TUNING.decode_rows(packed.shape[1]))
 
 
 register(Kernel(

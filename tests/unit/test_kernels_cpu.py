@@ -95,13 +95,15 @@ def test_compiled_decoder_linears_are_the_bound_forward(with_bias):
     linear = torch.nn.Linear(72, 48, bias=with_bias).bfloat16()
     dense = PrepackedLinear(linear)
     sparse = SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), linear.bias)
-    for module, rows in ((dense, cpu.TUNING.dense_decode_max_rows), (sparse, cpu.TUNING.decode_max_rows)):
+    for module, rows in ((dense, cpu.TUNING.dense_decode_max_rows), (sparse, cpu.TUNING.decode_rows(72))):
         native = module.native()
         assert native.max_rows == rows
         for m in range(1, rows + 1):
             x = torch.randn(m, 72).bfloat16()
             assert torch.equal(native(x), module.bound()(x))
     assert SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), force="reference").native() is None
+    wide = SparseLinear.from_bitmask(compress(sparse_weight(8, cpu.TUNING.wide_cols + 32, 0.7)))
+    assert wide.native().max_rows == cpu.TUNING.wide_decode_max_rows  # the panels take more rows
 
 
 @pytest.mark.parametrize("decode_max_rows, tile_rows", [(0, 16), (0, 50), (200, 512)])
@@ -255,6 +257,14 @@ def test_apply_takes_panels_or_the_pair_gather_for_a_few_dozen_rows(monkeypatch)
         cpu.apply_avx512(torch.randn(m, 256).bfloat16(), packed)
     assert calls == ["bitmask_gemm_panels", "bitmask_gemm_panels", "bitmask_gemm_pairs", "bitmask_gemm_pairs",
                      "bitmask_decompress_into", "bitmask_gemm_decode"]
+    # a weight wider than wide_cols: the decode kernel up to wide_decode_max_rows, the panels from one more
+    wide = cpu.pack_avx512(compress(sparse_weight(8, cpu.TUNING.wide_cols + 32, 0.7)))
+    limit = cpu.TUNING.wide_decode_max_rows
+    assert cpu.TUNING.decode_rows(wide.shape[1]) == limit < cpu.TUNING.decode_rows(256) == cpu.TUNING.decode_max_rows
+    calls.clear()
+    for m in (limit, limit + 1):
+        cpu.apply_avx512(torch.randn(m, wide.shape[1]).bfloat16(), wide)
+    assert calls == ["bitmask_gemm_decode", "bitmask_gemm_panels"]
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 11])
