@@ -784,14 +784,14 @@ void bitmask_decompress_into(const torch::Tensor& masks, const torch::Tensor& va
 
 #ifndef SPARSE_SERVE_NO_MODULE  // decoder.cpp links this file's functions into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bitmask_gemm_decode", &bitmask_gemm_decode, "y = x W^T + b, W packed bitmask (AVX-512 BF16)",
+  m.def("bitmask_gemm_decode", &bitmask_gemm_decode, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b, W packed bitmask (AVX-512 BF16)",
         py::arg("x"), py::arg("masks"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"),
         py::arg("loops"));
-  m.def("bitmask_gemm_pairs", &bitmask_gemm_pairs, "y = x W^T + b, W packed bitmask, many rows of x (pair gather)",
+  m.def("bitmask_gemm_pairs", &bitmask_gemm_pairs, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b, W packed bitmask, many rows of x (pair gather)",
         py::arg("x"), py::arg("masks"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"));
-  m.def("bitmask_gemm_panels", &bitmask_gemm_panels, "y = x W^T + b, W packed bitmask, a few dozen rows of x (panels)",
+  m.def("bitmask_gemm_panels", &bitmask_gemm_panels, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b, W packed bitmask, a few dozen rows of x (panels)",
         py::arg("x"), py::arg("masks"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"));
-  m.def("dense_gemm_decode", &dense_gemm_decode, "y = x W^T + b for a few rows of x, W dense bf16 (AVX-512 BF16)");
-  m.def("bitmask_decompress_into", &bitmask_decompress_into, "dense bf16 rows of a packed bitmask weight");
+  m.def("dense_gemm_decode", &dense_gemm_decode, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b for a few rows of x, W dense bf16 (AVX-512 BF16)");
+  m.def("bitmask_decompress_into", &bitmask_decompress_into, py::call_guard<py::gil_scoped_release>(), "dense bf16 rows of a packed bitmask weight");
 }
 #endif
