@@ -131,6 +131,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<d::Decoder>(m, "Decoder", py::module_local())
       .def(py::init<std::vector<d::Layer>, torch::Tensor, double>())
       .def_property_readonly("max_rows", &d::Decoder::max_rows)
-      .def("run", &d::Decoder::run, py::call_guard<py::gil_scoped_release>(),
-           "every decoder layer of a decode step; returns the final norm of h");
+      .def("run", &d::Decoder::run, "every decoder layer of a decode step; returns the final norm of h");
 }
