@@ -6,7 +6,8 @@ In 4 KiB pages that is tens of thousands of page walks a step, each a two-level 
 and the stream prefetchers stop at every page boundary. On this project's 2-core Zen 4 VM (transparent huge
 pages in ``madvise`` mode, the common default) moving a SmolLM2 engine's weights into 2 MiB pages made a
 dense decode step 1.24-1.35x faster and a FLAP 50% step 1.27x, a 70%-sparse one 1.02-1.04x (the sparse
-kernel is bound by its arithmetic, not by memory). See the README, Serving.
+kernel was then bound by its arithmetic; since the expand fix in bitmask_linear.cpp it reads memory about as
+fast as the dense GEMV). See the README, Serving.
 
 Contract: :func:`place_in_huge_pages` moves the storage of each given CPU tensor into one mapping (64-byte
 aligned slots, the mapping 2 MiB aligned; tensors viewing the same memory share a slot) and keeps the
