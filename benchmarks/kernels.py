@@ -37,6 +37,7 @@ from common import run_facts  # first: takes this folder off sys.path, so `kerne
 from kernels.bitmask import compress  # noqa: E402
 from kernels.cpu import LOOPS, TUNING, DecodePlan, PrepackedDense, decode_plan, dense_linear, prepack_dense  # noqa: E402
 from kernels.hugepages import place_in_huge_pages  # noqa: E402
+from kernels.linear import packed_tensors  # noqa: E402
 from kernels.registry import select  # noqa: E402
 
 SHAPES = ("576x1536", "1536x576", "4096x4096", "11008x4096", "4096x11008")
@@ -67,12 +68,6 @@ def random_sparse(n: int, k: int, sparsity: float, seed: int) -> torch.Tensor:
     w = torch.randn(n, k, generator=gen).bfloat16()
     drop = torch.rand(n, k, generator=gen).argsort(dim=1)[:, : int(k * sparsity)]
     return w.scatter_(1, drop, 0)
-
-
-def packed_tensors(packed) -> list[torch.Tensor]:
-    """The tensors a packed weight holds (its dataclass fields), as the server places them in huge pages."""
-    fields = getattr(packed, "__dataclass_fields__", {})
-    return [v for v in (getattr(packed, f) for f in fields) if isinstance(v, torch.Tensor)]
 
 
 def clone_packed(packed):

@@ -130,12 +130,16 @@ def decode_weights(model: nn.Module) -> list[Tensor]:
     streamed: list[Tensor] = []
     for module in model.modules():
         if isinstance(module, SparseLinear):
-            streamed += [t for t in vars(module.packed).values()
-                         if isinstance(t, Tensor) and t.device.type == "cpu" and t.layout == torch.strided]
+            streamed += [t for t in packed_tensors(module.packed) if t.device.type == "cpu" and t.layout == torch.strided]
         elif isinstance(module, PrepackedLinear) and module.packed.rows is not None:
             streamed.append(module.packed.rows)
     spans = {_span(t) for t in streamed}
     return streamed + [p for p in model.parameters() if p.device.type == "cpu" and _span(p) in spans]
+
+
+def packed_tensors(packed: Any) -> list[Tensor]:
+    """The tensors a kernel's packed weight holds (its attributes), in their declared order."""
+    return [t for t in vars(packed).values() if isinstance(t, Tensor)] if hasattr(packed, "__dict__") else []
 
 
 def _span(t: Tensor) -> tuple[int, int]:
