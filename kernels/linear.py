@@ -130,7 +130,8 @@ def decode_weights(model: nn.Module) -> list[Tensor]:
     streamed: list[Tensor] = []
     for module in model.modules():
         if isinstance(module, SparseLinear):
-            streamed += [t for t in packed_tensors(module.packed) if t.device.type == "cpu" and t.layout == torch.strided]
+            streamed += [t for t in packed_tensors(module.packed)
+                         if t.device.type == "cpu" and t.layout == torch.strided]
         elif isinstance(module, PrepackedLinear) and module.packed.rows is not None:
             streamed.append(module.packed.rows)
     spans = {_span(t) for t in streamed}

@@ -340,7 +340,8 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, loops)
     if x.shape[0] <= TUNING.panels_max_rows:
         ext = extension()
-        many_rows = ext.bitmask_gemm_pairs if packed.pair_density <= TUNING.pairs_max_density else ext.bitmask_gemm_panels
+        sparse_enough = packed.pair_density <= TUNING.pairs_max_density
+        many_rows = ext.bitmask_gemm_pairs if sparse_enough else ext.bitmask_gemm_panels
         return many_rows(x, packed.masks, packed.values, packed.row_offsets, bias)
     n, k = packed.shape
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
@@ -390,7 +391,8 @@ def native_avx512(packed: PackedBitmask, bias: Tensor | None) -> object | None:
         return None
     plan = decode_plan()
     return ext.Linear.sparse(packed.masks, packed.values, packed.row_offsets, _float_bias(bias),
-                             list(plan.windowed if packed.windowed else plan.plain), TUNING.decode_rows(packed.shape[1]))
+                             list(plan.windowed if packed.windowed else plan.plain),
+                             TUNING.decode_rows(packed.shape[1]))
 
 
 register(Kernel(
