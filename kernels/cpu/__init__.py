@@ -32,13 +32,16 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,8 @@ from torch import Tensor
 
 from kernels.bitmask import BitmaskTensor, bitmask_words, word_popcounts
 from kernels.registry import Kernel, register
+
+log = logging.getLogger(__name__)
 
 CHUNK = 32  # bf16 lanes of one AVX-512 register
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vbmi2", "bmi2")
@@ -88,10 +93,35 @@ def build_extension(name: str, source: Path | list[Path], cflags: list[str]) -> 
     build = extension_dir() / name
     build.mkdir(exist_ok=True)
     try:
-        return load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                    build_directory=str(build), verbose=False)
+        with build_lock(build):
+            return load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+                        extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001 - reported as the reason, the caller falls back
         return f"compiling {sources[0].name} failed ({type(err).__name__}: {str(err)[-300:]})"
+
+
+TORCH_BATON = "lock"  # the file torch's ``load`` creates in the build directory while it compiles
+
+
+@contextlib.contextmanager
+def build_lock(build: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``build/.build.lock`` for a build.
+
+    torch's ``load`` guards a build with a plain file (:data:`TORCH_BATON`) that it deletes when done; a
+    build killed mid-way (SIGKILL, a machine restart) leaves it behind, and every later ``load`` of that
+    extension then waits for it forever. A ``flock`` is dropped by the kernel when its holder dies, so it
+    cannot go stale; and while it is held no other build of ours runs in ``build``, so a baton found then
+    is a dead build's and is removed."""
+    with open(build / ".build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            baton = build / TORCH_BATON
+            if baton.exists():
+                log.warning("removing %s, left by a build that did not finish", baton)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache
