@@ -216,8 +216,12 @@ class CpuTuning:
     on weights more than ``wide_cols`` columns wide (3072-11008) the panels matched or beat the decode
     kernel from 14 rows (0.82-1.22x against 0.67-1.11x) and lost below (at 13 rows and 70%, 0.80-0.93x
     against 0.76-1.14x; at 9 rows 0.71-0.79x against 0.77-1.21x); on 576-2048 columns the decode kernel
-    won up to 16 rows but for 2048x2048 at 50%. So the decode kernel takes up to ``decode_max_rows``
-    rows, and up to ``wide_decode_max_rows`` on wider weights (:meth:`decode_rows`). Weights
+    won up to 16 rows but for 2048x2048 at 50%. With the masks prefetched in the panels and 9-10 rows
+    decoded in one pass (bitmask_linear.cpp), measured again on 4096-11008 columns at 8-16 rows (two
+    threads): the decode kernel won up to 8 rows at 50% and up to 10 at 70% (9-10 rows: 0.99-1.50x of
+    oneDNN against the panels' 0.92-1.08x), the panels from 11 (0.88-1.16x against 0.74-1.28x). So the
+    decode kernel takes up to ``decode_max_rows`` rows, and up to ``wide_decode_max_rows`` on wider
+    weights (:meth:`decode_rows`). Weights
     with at most ``pairs_max_density`` nonzero column pairs (random masks: 0.36 at 80% sparsity, 0.28
     at 85%, 0.19 at 90%) take the pair gather instead, which multiplies only those: the two tied at 80%,
     the pair gather won at 85% (1.02-1.04x against 0.90-0.96x) and 90% (1.35-1.52x against 0.98x).
@@ -225,7 +229,7 @@ class CpuTuning:
 
     decode_max_rows: int = 16
     wide_cols: int = 2048
-    wide_decode_max_rows: int = 13
+    wide_decode_max_rows: int = 10
     panels_max_rows: int = 64
     pairs_max_density: float = 0.33
     dense_decode_max_rows: int = 1

@@ -121,7 +121,7 @@ def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
 
 
 @pytest.mark.parametrize("loop", sorted(cpu.LOOPS))
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 13])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 10, 13])  # 9-10: one pass; 13: passes of 8 and 5
 @pytest.mark.parametrize("k", [72, 1000, 9000])  # activations within both L1 budgets, within one, within none
 def test_avx512_decode_loops(tuning, loop, m, k):
     """Each decode loop, forced for every pass, equals the reference (over its activation budget it falls
