@@ -218,8 +218,8 @@ class CpuTuning:
     against 0.76-1.14x; at 9 rows 0.71-0.79x against 0.77-1.21x); on 576-2048 columns the decode kernel
     won up to 16 rows but for 2048x2048 at 50%. With the masks prefetched in the panels and 9-10 rows
     decoded in one pass (bitmask_linear.cpp), measured again on 4096-11008 columns at 8-16 rows (two
-    threads): the decode kernel won up to 8 rows at 50% and up to 10 at 70% (9-10 rows: 0.99-1.50x of
-    oneDNN against the panels' 0.92-1.08x), the panels from 11 (0.88-1.16x against 0.74-1.28x). So the
+    threads, same process): at 9-10 rows the decode kernel ran 0.97-1.49x the panels' speed (below 1x
+    only at 50% and 10 rows), at 11-12 rows (passes of 8) the panels won on 10 of 12 points. So the
     decode kernel takes up to ``decode_max_rows`` rows, and up to ``wide_decode_max_rows`` on wider
     weights (:meth:`decode_rows`). Weights
     with at most ``pairs_max_density`` nonzero column pairs (random masks: 0.36 at 80% sparsity, 0.28

@@ -314,9 +314,10 @@ constexpr RowsFn kStream[kMaxBlock] = {
 constexpr int64_t kStreamMaxActBytes = 12 * 1024;
 
 // 9 or 10 rows go in one pass of rows in flight (two weight rows, 20 accumulators), reading the weight once
-// instead of twice: against a pass of 8 and one of 1-2, same process, two threads, weights from memory,
-// 50% and 70%, 1.0-1.45x on 576-11008 columns (0.94-0.96x at 10 rows on two of ten points); at 11-12 rows
-// the accumulators crowd the registers (0.76-0.90x of oneDNN on 4096 columns), so those take passes of 8.
+// instead of twice: against a pass of 8 and one of 1-2 (same process, two threads, weights from memory, 50%
+// and 70%, 576-11008 columns) 0.94-1.45x, 17 of 20 points at 1.0x or more; at 11-12 rows the accumulators
+// crowd the registers and one pass lost on 4096 columns (0.71-0.91x of the panels there), so more rows
+// take passes of 8.
 constexpr int64_t kMaxSinglePass = 10;
 constexpr RowsFn kRowsSinglePass[kMaxSinglePass - kMaxBlock] = {gemv_rows<9>, gemv_rows<10>};
 
@@ -502,8 +503,8 @@ constexpr PairFn kPairs[kPairMaxGroups] = {pair_rows<1>, pair_rows<2>, pair_rows
 // A panel reads 2 NR streams per thread (each row's values and masks): the hardware prefetchers lose track
 // of that many, so both are prefetched in software, the values kPanelPrefetchBytes ahead and the masks a
 // line ahead once per line. Measured against prefetching the values 512 bytes ahead and the masks not at
-// all, at 16-64 rows, two threads, 50% and 70%, on 4096x4096, 11008x4096 and 4096x11008 (same-process
-// A/B): 1.03-1.16x at 16 rows on the wide shapes, 1.03-1.10x at 64 rows, 1.03x and 1.15x more on 4096x4096.
+// all (same-process A/B, weights from memory, two threads, 50% and 70%, 16-64 rows): 1.03-1.10x on
+// 4096x4096, 11008x4096 and 4096x11008 (18 of 18 points faster), 0.98-1.17x on SmolLM2's shapes.
 constexpr int64_t kPanelPrefetchBytes = 1024;
 
 template <int NR>
