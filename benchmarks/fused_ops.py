@@ -4,8 +4,10 @@ Shapes are SmolLM2's at batch 1 (hidden 576, 9 query heads over 3 KV heads of 64
 RMSNorm, residual add + RMSNorm, rotary on a fused q/k/v output, SiLU-gate, and decode attention
 over 64, 300 and 1000 cached positions, twice: with the cache in the CPU caches (``paged_decode@N``),
 and read from memory as in a decode step (``paged_decode@N/mem``: 30 layers' caches in turn, with
-``--between-mb`` of other memory read before each call, as a step reads weights between layers). The
-implementations alternate call by call, so machine noise hits all alike; times are medians.
+``--between-mb`` of other memory read before each call, as a step reads weights between layers), and
+the causal attention of a whole prompt of 37 and 512 tokens (``paged_prefill@N``). The
+implementations alternate call by call in a rotating order, so machine noise hits all alike; times
+are medians.
 ``--baseline REV`` adds the compiled ops of an earlier commit (its ``kernels/cpu/fused_ops.cpp``), to
 measure a change in the same run.
 
@@ -36,6 +38,7 @@ from kernels.fused import SOURCE, TORCH_OPS, LayerOps, compile_flags, cpu_fused_
 
 D, HQ, HK, HEAD, INTER, BLOCK, LAYERS = 576, 9, 3, 64, 1536, 16, 30
 CONTEXTS = (64, 300, 1000)
+PROMPTS = (37, 512)  # prefill attention: a short chat prompt, a long one
 
 
 @dataclasses.dataclass
@@ -108,16 +111,20 @@ def warm_calls() -> dict[str, Callable[[LayerOps], object]]:
     for ctx in CONTEXTS:
         tables, lens = torch.arange(-(-ctx // BLOCK))[None], torch.tensor([ctx])
         out[f"paged_decode@{ctx}"] = (lambda o, t=tables, n=lens: o.paged_decode(qd, k_cache, v_cache, t, n, 0.125))
+    for rows in PROMPTS:
+        qp, table = torch.randn(rows, HQ, HEAD, dtype=bf), torch.arange(-(-rows // BLOCK))
+        out[f"paged_prefill@{rows}"] = (lambda o, q=qp, t=table: o.paged_prefill(q, k_cache, v_cache, t, 0, 0.125))
     return out
 
 
 def measure(case: Case, impls: list[LayerOps], calls: int) -> dict[str, float]:
-    """Median microseconds per call of each implementation, alternating call by call."""
+    """Median microseconds per call of each implementation, alternating call by call in a rotating order
+    (in a fixed one, the op that ran right after the torch reference was measured 10-20% slower)."""
     times: dict[str, list[float]] = {o.name: [] for o in impls}
     for o in impls:
         case.call(o)
-    for _ in range(calls):
-        for o in impls:
+    for i in range(calls):
+        for o in impls[i % len(impls):] + impls[:i % len(impls)]:  # rotated: who follows whom changes too
             case.before()
             start = time.perf_counter()
             case.call(o)

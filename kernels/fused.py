@@ -14,6 +14,9 @@ transformers modules they replace (``LlamaRMSNorm``, ``apply_rotary_pos_emb``, `
 * ``paged_decode(q [B, Hq, d], k_cache, v_cache [NB, bs, Hk, d], tables [B, nb], lens [B], scale)
   -> [B, Hq, d]``: one query per sequence over its first ``lens[b]`` cached positions (GQA), what
   ``scaled_dot_product_attention`` computes on the gathered blocks
+* ``paged_prefill(q [n, Hq, d], k_cache, v_cache, table [nb], past, scale) -> [n, Hq, d]``: causal
+  attention of a prefill chunk, rows at positions ``past .. past + n - 1`` of one sequence whose keys and
+  values (this chunk's included) are already in the cache at ``table``
 
 :data:`TORCH_OPS` is the reference, written with torch ops exactly as transformers computes. The
 ``cpu_fused`` implementation (``cpu/fused_ops.cpp``, compiled on first use and cached next to the
@@ -50,6 +53,7 @@ class LayerOps:
     rotary_cache_: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], None]
     silu_mul: Callable[[Tensor], Tensor]
     paged_decode: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
+    paged_prefill: Callable[[Tensor, Tensor, Tensor, Tensor, int, float], Tensor]
 
 
 # -- reference: transformers' arithmetic, op by op -----------------------------------------------------
@@ -106,8 +110,21 @@ def torch_paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tens
     return out.squeeze(2)  # [B, Hq, d]
 
 
+def torch_paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, table: Tensor, past: int,
+                        scale: float) -> Tensor:
+    n = q.shape[0]
+    ctx = past + n
+    keys = gather_blocks(k_cache, table[None])[0, :, :ctx]  # [Hk, ctx, d]
+    values = gather_blocks(v_cache, table[None])[0, :, :ctx]
+    # row i (position past + i) sees positions <= past + i; with nothing cached before, plain causal
+    mask = None if past == 0 else torch.arange(ctx)[None, :] <= (past + torch.arange(n))[:, None]  # [n, ctx]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=past == 0,
+                                         scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)  # [n, Hq, d]
+
+
 TORCH_OPS = LayerOps("torch", torch_rms_norm, torch_add_rms_norm_, torch_rotary_, torch_rotary_cache_,
-                     torch_silu_mul, torch_paged_decode)
+                     torch_silu_mul, torch_paged_decode, torch_paged_prefill)
 
 
 # -- the compiled CPU implementation -------------------------------------------------------------------
@@ -132,9 +149,10 @@ def compile_flags() -> list[str]:
 
 
 def ops_of(name: str, ext: ModuleType) -> LayerOps:
-    """The layer ops of a compiled extension (this one, or an earlier build to compare with), named ``name``."""
+    """The layer ops of a compiled extension (this one, or an earlier build to compare with), named ``name``.
+    A build from before ``paged_prefill`` attends prompts as the engine then did: by the reference."""
     return LayerOps(name, ext.rms_norm, ext.add_rms_norm_, ext.rotary_, ext.rotary_cache_, ext.silu_mul,
-                    ext.paged_decode)
+                    ext.paged_decode, getattr(ext, "paged_prefill", torch_paged_prefill))
 
 
 @functools.cache

@@ -24,6 +24,11 @@
 //          their queries or value sums in registers (measured on SmolLM2's shapes, weights and cache
 //          read from memory as in a decode step: 1.8x faster at 100 positions, 3.6x at 1000, than
 //          one task per KV head with value sums in memory).
+//   paged_prefill(q [n, Hq, d], k_cache, v_cache, table [nb], past, scale) -> out [n, Hq, d]
+//       causal attention of a prefill chunk: row i (position past + i) attends to the cached positions
+//       0 .. past + i of the one block table, this chunk's keys already stored. Each row is a paged_decode
+//       query of its own length, so a prompt attends exactly as its tokens would one by one (4.5x faster than
+//       torch's scaled_dot_product_attention with GQA at 37 rows, 3.8x at 512, measured on SmolLM2's heads).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -514,28 +519,19 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return y;
 }
 
-torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                           const torch::Tensor& tables, const torch::Tensor& lens, double scale) {
-  check_rows(q, 3, "q");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
-              k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must be contiguous [NB, bs, Hk, d]");
-  TORCH_CHECK(tables.is_contiguous() && tables.dim() == 2 && tables.scalar_type() == at::kLong &&
-              tables.size(0) == q.size(0), "tables must be a contiguous int64 [B, blocks]");
-  TORCH_CHECK(lens.is_contiguous() && lens.dim() == 1 && lens.scalar_type() == at::kLong && lens.size(0) == q.size(0),
-              "lens must be a contiguous int64 [B]");
+namespace {
+
+// Attention of B single queries q [B, Hq, d]: query b over the first lens[b] positions of its block table,
+// tables + b * table_stride (stride 0: every query reads one table, as a prefill chunk's rows do). Tasks are
+// (query, span of positions); a query is split into spans only while there are fewer queries than threads.
+// Thread i runs tasks i, i + threads, ...: rows of a prefill chunk attend to 1, 2, ... n positions, and a
+// contiguous split would give the last thread most of the work.
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                     const int64_t* tables, int64_t table_stride, const int64_t* lp, double scale) {
   const int64_t batch = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t bs = k_cache.size(1), hk = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == d && hq % hk == 0, "q heads must be a multiple of the cache's KV heads, same d");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "q and the caches must share one dtype");
-  const int64_t* lp = lens.data_ptr<int64_t>();
   int64_t positions = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= tables.size(1) * bs, "lens[", b, "] = ", lp[b], " is outside the block table");
-    positions += lp[b];
-  }
-  // tasks: (sequence, span of positions); a sequence is split only while there are fewer sequences than
-  // threads, into spans of at least kMinSpan positions
+  for (int64_t b = 0; b < batch; ++b) positions += lp[b];
   const int64_t threads = at::get_num_threads();
   const int64_t want = batch >= threads ? 1 : (threads + batch - 1) / batch;
   std::vector<int64_t> task_seq, task_begin, task_end;
@@ -553,22 +549,28 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   // per task: the span's softmax state (mx, total [Hq]) and unnormalized sums acc [Hq, d]
   std::vector<float> mx(n_tasks * hq), total(n_tasks * hq), acc(n_tasks * hq * d);
   auto out = torch::empty({batch, hq, d}, q.options());
-  const int64_t grain = positions * hq * d < kMinParallelWork ? n_tasks + 1 : 1;  // n_tasks + 1: inline
+  const int64_t workers = positions * hq * d < kMinParallelWork ? 1 : std::min(threads, n_tasks);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t* tp = tables.data_ptr<int64_t>();
-    at::parallel_for(0, n_tasks, grain, [&](int64_t begin, int64_t end) {
+    auto run = [&](int64_t first, int64_t step) {
       std::vector<float> qf(hq * d), scores(hq * longest_span);
-      for (int64_t t = begin; t < end; ++t) {
+      for (int64_t t = first; t < n_tasks; t += step) {
         const int64_t b = task_seq[t];
-        decode_span(qp + b * q.stride(0), q.stride(1), hq, hk, kp, vp, tp + b * tables.size(1), task_begin[t],
+        decode_span(qp + b * q.stride(0), q.stride(1), hq, hk, kp, vp, tables + b * table_stride, task_begin[t],
                     task_end[t], bs, d, static_cast<float>(scale), qf.data(), scores.data(), acc.data() + t * hq * d,
                     mx.data() + t * hq, total.data() + t * hq);
       }
-    });
+    };
+    if (workers == 1) {
+      run(0, 1);  // on the calling thread: waking a worker would cost more than it saves
+    } else {
+      at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) run(w, workers);
+      });
+    }
     // merge each sequence's spans: out = sum_s w_s acc_s / sum_s w_s total_s, w_s = exp(mx_s - max_s mx_s)
     // (one span: w = exp(0) = 1, exactly the single-pass result)
     std::vector<float> merged(d);
@@ -594,6 +596,45 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   return out;
 }
 
+void check_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+  check_rows(q, 3, "q");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+              k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must be contiguous [NB, bs, Hk, d]");
+  TORCH_CHECK(k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0,
+              "q heads must be a multiple of the cache's KV heads, same d");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must share one dtype");
+}
+
+}  // namespace
+
+torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& tables, const torch::Tensor& lens, double scale) {
+  check_attention(q, k_cache, v_cache);
+  TORCH_CHECK(tables.is_contiguous() && tables.dim() == 2 && tables.scalar_type() == at::kLong &&
+              tables.size(0) == q.size(0), "tables must be a contiguous int64 [B, blocks]");
+  TORCH_CHECK(lens.is_contiguous() && lens.dim() == 1 && lens.scalar_type() == at::kLong && lens.size(0) == q.size(0),
+              "lens must be a contiguous int64 [B]");
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b)
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= tables.size(1) * k_cache.size(1), "lens[", b, "] = ", lp[b],
+                " is outside the block table");
+  return attend(q, k_cache, v_cache, tables.data_ptr<int64_t>(), tables.size(1), lp, scale);
+}
+
+torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                            const torch::Tensor& table, int64_t past, double scale) {
+  check_attention(q, k_cache, v_cache);
+  TORCH_CHECK(table.is_contiguous() && table.dim() == 1 && table.scalar_type() == at::kLong,
+              "table must be a contiguous int64 [blocks]");
+  const int64_t n = q.size(0);
+  TORCH_CHECK(past >= 0 && past + n <= table.size(0) * k_cache.size(1), "positions ", past, " to ", past + n,
+              " are outside the block table (", table.size(0) * k_cache.size(1), " positions)");
+  std::vector<int64_t> lens(n);
+  for (int64_t i = 0; i < n; ++i) lens[i] = past + i + 1;  // row i sees the cache up to its own position
+  return attend(q, k_cache, v_cache, table.data_ptr<int64_t>(), 0, lens.data(), scale);
+}
+
 #ifndef SPARSE_SERVE_NO_MODULE  // decoder.cpp links this file's functions into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of rows with transformers' rounding");
@@ -602,5 +643,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_cache_", &rotary_cache_, "rotary_ on q and k, then k and v stored in their cache slots");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up output");
   m.def("paged_decode", &paged_decode, "single-query attention over a paged KV cache");
+  m.def("paged_prefill", &paged_prefill, "causal attention of a prefill chunk's rows over a paged KV cache");
 }
 #endif

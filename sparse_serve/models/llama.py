@@ -145,7 +145,7 @@ class _Attention:
             q, k, v = self.q(x).view(t, -1, d), self.k(x).view(t, -1, d), self.v(x).view(t, -1, d)
         # q [T, Hq, d]; k, v [T, Hkv, d]
         self.ops.rotary_cache_(q, k, v, cos, sin, k_cache, v_cache, meta.slots)  # keys and values now cached
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scaling, self.ops.paged_decode)  # [T, Hq, d]
+        out = paged_attention(q, k_cache, v_cache, meta, self.scaling, self.ops)  # [T, Hq, d]
         return self.o(out.reshape(t, -1))
 
 

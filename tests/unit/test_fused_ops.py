@@ -186,6 +186,40 @@ def test_paged_decode_spans_merge_to_the_single_pass_result():
                                atol=2e-2, rtol=2e-2)
 
 
+# a whole prompt (plain causal), a later chunk over what is cached before it, a chunk of one row; d 16 takes
+# the generic loops, d 64 the register passes; 150 rows are enough to run on several threads
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("past,rows,d", [(0, 13, 16), (21, 9, 16), (7, 1, 16), (0, 150, 64), (40, 110, 64)])
+def test_paged_prefill_is_causal_attention_over_the_cache(ops, dtype, past, rows, d):
+    torch.manual_seed(past + rows + d)
+    blocks, bs, hk, group = 48, 4, 3, 3
+    k_cache, v_cache = torch.randn(blocks, bs, hk, d).to(dtype), torch.randn(blocks, bs, hk, d).to(dtype)
+    table = torch.randperm(blocks)[: -(-(past + rows) // bs)]  # the sequence's blocks, scattered
+    q = torch.randn(rows, hk * group + 2 * hk, d).to(dtype)[:, : hk * group]  # a view of a fused q/k/v output
+    out = ops.paged_prefill(q, k_cache, v_cache, table, past, 0.2)
+    assert out.shape == (rows, hk * group, d) and not out.isnan().any()
+    # row i is the single query at position past + i over the positions up to its own
+    lens = past + 1 + torch.arange(rows)
+    expected = attention_reference(q, k_cache, v_cache, table.expand(rows, -1), lens, 0.2)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(out.float(), expected, **tol)
+
+
+def test_compiled_prefill_rows_equal_decode_queries_bit_for_bit():
+    """A prompt attends exactly as its tokens would one by one: each prefill row is the decode query of its length."""
+    fused = cpu_fused_ops()
+    if fused is None:
+        pytest.skip("the fused CPU extension could not be compiled here")
+    torch.manual_seed(8)
+    k_cache, v_cache = torch.randn(40, 16, 3, 64).bfloat16(), torch.randn(40, 16, 3, 64).bfloat16()
+    table, past, rows = torch.randperm(40)[:30], 200, 260
+    q = torch.randn(rows, 9, 64).bfloat16()
+    out = fused.paged_prefill(q, k_cache, v_cache, table, past, 0.125)
+    for i in (0, 1, 63, 64, 200, rows - 1):
+        one = fused.paged_decode(q[i:i + 1], k_cache, v_cache, table[None], torch.tensor([past + i + 1]), 0.125)
+        assert torch.equal(out[i], one[0]), i
+
+
 def test_the_compiled_ops_reject_bad_shapes_with_the_reason():
     fused = cpu_fused_ops()
     if fused is None:
@@ -197,6 +231,9 @@ def test_the_compiled_ops_reject_bad_shapes_with_the_reason():
     with pytest.raises(RuntimeError, match="outside the block table"):
         fused.paged_decode(torch.randn(1, 2, 4), torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4),
                            torch.tensor([[1]]), torch.tensor([5]), 1.0)
+    with pytest.raises(RuntimeError, match=r"positions 3 to 6 are outside the block table \(4 positions\)"):
+        fused.paged_prefill(torch.randn(3, 2, 4), torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4),
+                            torch.tensor([0, 1]), 3, 1.0)
 
 
 def test_layer_ops_selection_and_forcing(monkeypatch):
