@@ -127,7 +127,7 @@ def measure(shape: str, sparsity: float, batches: list[int], threads: int, args)
         rows.append(Row(shape, sparsity, m, threads, kernel.name, statistics.median(dense_t) * 1e6,
                         statistics.median(sparse_t) * 1e6, statistics.median(ratios), (q[0], q[2]),
                         statistics.median(best_t) * 1e6, statistics.median(best_ratios), dense_bytes, sparse_bytes))
-        print(f"  {shape:>10} s={sparsity:.1f} M={m:<3} t={threads}: {rows[-1].speedup:.2f}x oneDNN, "
+        print(f"  {shape:>10} s={sparsity:g} M={m:<3} t={threads}: {rows[-1].speedup:.2f}x oneDNN, "
               f"{rows[-1].speedup_vs_best:.2f}x best dense", flush=True)
     return rows
 
@@ -141,7 +141,7 @@ def table(rows: list[Row]) -> str:
             f"{'speedup':>8} {'spread':>11} {'vs best':>8} {'bytes vs dense':>14}  kernel")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.shape:>10} {r.sparsity:>8.1f} {r.batch:>3} {r.threads:>3} {r.dense_us:>9.1f} "
+        lines.append(f"{r.shape:>10} {r.sparsity:>8g} {r.batch:>3} {r.threads:>3} {r.dense_us:>9.1f} "
                      f"{r.best_dense_us:>9.1f} {r.sparse_us:>9.1f} {r.speedup:>7.2f}x {r.spread[0]:>5.2f}-{r.spread[1]:<5.2f} "
                      f"{r.speedup_vs_best:>7.2f}x {r.sparse_bytes / r.dense_bytes:>14.3f}  {r.kernel}")
     return "\n".join(lines)

@@ -17,8 +17,9 @@ Contract:
   activations permuted to the packed values (``vdpbf16ps`` every way). Up to ``panels_max_rows`` rows
   take the panel GEMM: a register-blocked GEMM on panels of a few weight rows expanded a chunk at a
   time into a small buffer; or, for a weight whose share of nonzero column pairs is at most
-  ``pairs_max_density`` (``PackedBitmask.pair_density``; from ~82% sparsity), the pair gather: only the
-  nonzero pairs are multiplied, each with 16 activation rows at once. More rows (prefill) decompress
+  ``pairs_max_density`` (``PackedBitmask.pair_density``; from ~82% sparsity), up to ``pairs_max_rows``
+  rows, the pair gather: only the nonzero pairs are multiplied, each with 16 activation rows at once.
+  More rows (prefill) decompress
   the weight (or tiles of it, within ``tile_bytes``) into a reused scratch buffer and run a dense GEMM.
 * ``cpu_dense`` (priority 5; every float dtype) is the fallback on any CPU: ``pack`` decompresses
   once and prepacks the weight for oneDNN, ``apply`` runs :func:`dense_linear`, so a machine without
@@ -225,12 +226,21 @@ class CpuTuning:
     with at most ``pairs_max_density`` nonzero column pairs (random masks: 0.36 at 80% sparsity, 0.28
     at 85%, 0.19 at 90%) take the pair gather instead, which multiplies only those: the two tied at 80%,
     the pair gather won at 85% (1.02-1.04x against 0.90-0.96x) and 90% (1.35-1.52x against 0.98x).
-    Beyond 64 rows decompress + GEMM wins (0.78-0.88x against the panels' 0.77-0.79x at 128-256 rows)."""
+    Beyond 64 rows decompress + GEMM had won (0.78-0.88x against the panels' 0.77-0.79x at 128-256 rows).
+    Measured again with the masks prefetched in the panels (same process, two threads, 50% and 70%,
+    throwaway script), against oneDNN's prepacked GEMM: at 96-128 rows the panels ran 0.85-1.02x and
+    decompress + GEMM 0.73-0.89x on SmolLM2's shapes and 4096x4096, 11008x4096 and 4096x11008; at 192
+    rows 0.87-1.00x against 0.84-0.90x (4096x4096: 0.87x both); at 256 rows decompress + GEMM won on
+    the wide shapes (0.83-0.89x against 0.83-0.88x) and lost on SmolLM2's (0.85-0.90x against
+    0.89-1.00x). So the panels take up to ``panels_max_rows`` = 192 rows. At 85% sparsity the pair
+    gather ran 1.11-1.35x up to 256 rows (decompress + GEMM 0.82-0.91x) and 0.85-0.98x at 512
+    (0.90-0.94x): it takes up to ``pairs_max_rows`` = 256."""
 
     decode_max_rows: int = 16
     wide_cols: int = 2048
     wide_decode_max_rows: int = 10
-    panels_max_rows: int = 64
+    panels_max_rows: int = 192
+    pairs_max_rows: int = 256
     pairs_max_density: float = 0.33
     dense_decode_max_rows: int = 1
     decode_plan: DecodePlan | None = None
@@ -372,9 +382,9 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
         plan = decode_plan()
         loops = plan.windowed if packed.windowed else plan.plain  # a tuple: the binding takes any sequence
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, loops)
-    if x.shape[0] <= TUNING.panels_max_rows:
+    sparse_enough = packed.pair_density <= TUNING.pairs_max_density  # the pair gather multiplies fewer pairs
+    if x.shape[0] <= (TUNING.pairs_max_rows if sparse_enough else TUNING.panels_max_rows):
         ext = extension()
-        sparse_enough = packed.pair_density <= TUNING.pairs_max_density
         many_rows = ext.bitmask_gemm_pairs if sparse_enough else ext.bitmask_gemm_panels
         return many_rows(x, packed.masks, packed.values, packed.row_offsets, bias)
     n, k = packed.shape

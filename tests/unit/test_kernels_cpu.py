@@ -40,9 +40,11 @@ def assert_close_bf16(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.fixture()
 def tuning():
-    saved = (cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.panels_max_rows, cpu.TUNING.decode_plan)
+    names = ("decode_max_rows", "tile_rows", "panels_max_rows", "pairs_max_rows", "decode_plan")
+    saved = {name: getattr(cpu.TUNING, name) for name in names}
     yield cpu.TUNING
-    cpu.TUNING.decode_max_rows, cpu.TUNING.tile_rows, cpu.TUNING.panels_max_rows, cpu.TUNING.decode_plan = saved
+    for name, value in saved.items():
+        setattr(cpu.TUNING, name, value)
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)
@@ -112,7 +114,8 @@ def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
     """The decode and the decompress + GEMM paths of the AVX-512 kernel, whichever the tuning picks, with
     partial last tiles (the pair gather turned off)."""
     kernel = kernel_or_skip("cpu_avx512")
-    tuning.decode_max_rows, tuning.tile_rows, tuning.panels_max_rows = decode_max_rows, tile_rows, 0
+    tuning.decode_max_rows, tuning.tile_rows = decode_max_rows, tile_rows
+    tuning.panels_max_rows = tuning.pairs_max_rows = 0
     w = sparse_weight(101, 200, 0.7, seed=m)
     x = torch.randn(m, 200).bfloat16()
     bias = torch.randn(101).bfloat16()
@@ -220,15 +223,16 @@ def test_pack_chooses_the_windowed_loop_when_few_windows_overflow(monkeypatch):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])
 @pytest.mark.parametrize("n, k", [(19, 64), (9, 129), (6, 31), (5, 40), (130, 40), (40, 1000)])  # tails; K-blocks
 def test_many_row_kernels_equal_reference(op, sparsity, n, k):
-    """The pair gather and the panel GEMM for 1 to 130 activation rows (1-4 register groups of 16, a partial
-    group, a second pass of 64 rows; panels of 6 or 8 weight rows with a partial last one, or fewer rows than
+    """The pair gather and the panel GEMM for 1 to 256 activation rows (1-4 register groups of 16, a partial
+    group, later passes of 64 rows; panels of 6 or 8 weight rows with a partial last one, or fewer rows than
     one), with and without bias, equal the reference whatever the weight holds."""
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
     w = sparse_weight(n, k, sparsity, seed=3 * n + k)
     bitmask = compress(w)
     packed = cpu.pack_avx512(bitmask)
-    for m, with_bias in ((1, True), (16, False), (17, True), (33, False), (48, True), (64, True), (65, True), (130, False)):
+    for m, with_bias in ((1, True), (16, False), (17, True), (33, False), (48, True), (64, True), (65, True),
+                         (130, False), (256, True)):
         x = torch.randn(m, k).bfloat16()
         bias = torch.randn(n).bfloat16() if with_bias else None
         y = getattr(cpu.extension(), op)(x, packed.masks, packed.values, packed.row_offsets, bias)
@@ -243,7 +247,8 @@ def test_pair_density_counts_column_pairs_with_a_nonzero():
 
 
 def test_apply_takes_panels_or_the_pair_gather_for_a_few_dozen_rows(monkeypatch):
-    """17-64 rows take the panel GEMM, or the pair gather for a 90% sparse weight; 65 rows decompress; 16 decode."""
+    """17 to ``panels_max_rows`` rows take the panel GEMM, up to ``pairs_max_rows`` the pair gather for a
+    90% sparse weight; more rows decompress; 16 decode."""
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
     sparse, denser = (cpu.pack_avx512(compress(sparse_weight(48, 256, s))) for s in (0.9, 0.7))
@@ -253,10 +258,13 @@ def test_apply_takes_panels_or_the_pair_gather_for_a_few_dozen_rows(monkeypatch)
     monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {
         name: staticmethod(lambda *a, _f=getattr(ext, name), _n=name: calls.append(_n) or _f(*a))
         for name in ("bitmask_gemm_decode", "bitmask_gemm_pairs", "bitmask_gemm_panels", "bitmask_decompress_into")}))
-    for m, packed in ((17, denser), (64, denser), (17, sparse), (64, sparse), (65, denser), (16, denser)):
+    panels, pairs = cpu.TUNING.panels_max_rows, cpu.TUNING.pairs_max_rows
+    assert cpu.TUNING.decode_rows(256) < panels < pairs
+    for m, packed in ((17, denser), (panels, denser), (17, sparse), (pairs, sparse), (panels + 1, denser),
+                      (pairs + 1, sparse), (16, denser)):
         cpu.apply_avx512(torch.randn(m, 256).bfloat16(), packed)
     assert calls == ["bitmask_gemm_panels", "bitmask_gemm_panels", "bitmask_gemm_pairs", "bitmask_gemm_pairs",
-                     "bitmask_decompress_into", "bitmask_gemm_decode"]
+                     "bitmask_decompress_into", "bitmask_decompress_into", "bitmask_gemm_decode"]
     # a weight wider than wide_cols: the decode kernel up to wide_decode_max_rows, the panels from one more
     wide = cpu.pack_avx512(compress(sparse_weight(8, cpu.TUNING.wide_cols + 32, 0.7)))
     limit = cpu.TUNING.wide_decode_max_rows
