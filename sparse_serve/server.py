@@ -228,12 +228,18 @@ class Merged:
             raise _engine_error(err, state.config.retry_after_s) from err
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, ChoiceEvent]]:
+        if len(self.streams) == 1:  # one prompt (most requests): no task and queue per event in between
+            try:
+                async for event in self._events(0):
+                    yield 0, event
+            finally:
+                self.close()
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
             try:
-                async for event in choice_events(self.streams[i], self.state.tokenizer, self.gens[i],
-                                                 self.skip_special):
+                async for event in self._events(i):
                     await queue.put((i, event))
             except Exception as err:  # noqa: BLE001 - handed to the consumer
                 await queue.put((i, err))
@@ -253,6 +259,9 @@ class Merged:
                     yield i, item
         finally:
             self.close()
+
+    def _events(self, i: int) -> AsyncIterator[ChoiceEvent]:
+        return choice_events(self.streams[i], self.state.tokenizer, self.gens[i], self.skip_special)
 
     def close(self) -> None:
         for task in self._tasks:
