@@ -39,3 +39,14 @@ def sparse_checkpoint(path: Path | None) -> Path:
                         "--method", "wanda", "--sparsity", "0.7"] + (["--resume"] if out.with_suffix(".partial").exists() else []),
                        check=True)
     return out
+
+
+def variant_checkpoints(variants: list[str], sparse: Path | None = None) -> dict[str, Path]:
+    """The checkpoint of each named variant: ``dense`` (SmolLM2) and ``sparse`` (:func:`sparse_checkpoint`)."""
+    from compress.models.registry import fetch_model
+
+    resolve = {"dense": lambda: fetch_model("smollm2-135m-instruct"), "sparse": lambda: sparse_checkpoint(sparse)}
+    unknown = set(variants) - set(resolve)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(sorted(unknown))}; choose from dense, sparse")
+    return {v: resolve[v]() for v in variants}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import run_facts, sparse_checkpoint
+from common import run_facts, variant_checkpoints
 from compress.assets import cache_dir
 
 DECODERS = ("python", "compiled")
@@ -67,9 +67,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="decode steps timed per engine and round")
     args = p.parse_args()
 
-    from compress.models.registry import fetch_model
-
-    paths = {"dense": fetch_model("smollm2-135m-instruct"), "sparse": sparse_checkpoint(args.sparse)}
+    paths = variant_checkpoints(["dense", "sparse"], args.sparse)
     flap = args.flap or default_flap()
     if flap is not None:
         paths["flap"] = flap

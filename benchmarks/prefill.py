@@ -16,7 +16,7 @@ Prints a table, then one JSON line.
 
 from __future__ import annotations
 
-from common import run_facts, sparse_checkpoint  # first: takes benchmarks/ off sys.path
+from common import run_facts, variant_checkpoints  # first: takes benchmarks/ off sys.path
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -51,6 +51,7 @@ class Prefiller:
         self.engine = LLMEngine(load_for_serving(path).model, [], max_len, EngineConfig(), torch.bfloat16)
         self.attention = self.engine.runner.net.attention  # per layer; each holds the layer ops it calls
         self.ops: LayerOps = self.attention[0].ops
+        self.reference = dataclasses.replace(self.ops, paged_prefill=torch_paged_prefill)  # what ran before
         self.count = 0
 
     def time(self, ids: list[int], ops: LayerOps) -> float:
@@ -80,15 +81,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (the table shows medians)")
     p.add_argument("--sparse", type=Path, default=None, help="sparse checkpoint (default: Wanda 70%% in the cache)")
     args = p.parse_args()
-    from compress.models.registry import fetch_model
 
     lengths = [int(n) for n in args.prompts.split(",")]
-    paths = {"dense": lambda: fetch_model("smollm2-135m-instruct"), "sparse": lambda: sparse_checkpoint(args.sparse)}
-    variants = args.variants.split(",")
-    unknown = set(variants) - set(paths)
-    if unknown:
-        raise SystemExit(f"--variants: unknown {', '.join(sorted(unknown))}; choose from dense, sparse")
-    engines = {v: Prefiller(paths[v](), max(lengths) + 8) for v in variants}
+    paths = variant_checkpoints(args.variants.split(","), args.sparse)
+    engines = {v: Prefiller(path, max(lengths) + 8) for v, path in paths.items()}
     torch.manual_seed(0)
     prompts = {n: torch.randint(100, 40000, (n,)).tolist() for n in lengths}
     times: dict[tuple[str, int, str], list[float]] = {}
@@ -97,8 +93,7 @@ def main() -> None:
     for _ in tqdm(range(args.rounds), desc="rounds"):
         for v, e in engines.items():
             for n in lengths:
-                reference = dataclasses.replace(e.ops, paged_prefill=torch_paged_prefill)
-                for name, ops in (("compiled", e.ops), ("reference", reference)):
+                for name, ops in (("compiled", e.ops), ("reference", e.reference)):
                     times.setdefault((v, n, name), []).append(e.time(prompts[n], ops))
     rows = [Row(v, n, statistics.median(times[v, n, "compiled"]), statistics.median(times[v, n, "reference"]),
                 statistics.median(r / c for r, c in zip(times[v, n, "reference"], times[v, n, "compiled"])))

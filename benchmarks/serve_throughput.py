@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import run_facts, sparse_checkpoint
+from common import run_facts, variant_checkpoints
 
 QUESTIONS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Write a haiku about rain.",
@@ -193,9 +193,9 @@ def main() -> None:
 
     from compress.models.registry import fetch_model
 
-    dense_path = fetch_model("smollm2-135m-instruct")
+    dense_path = fetch_model("smollm2-135m-instruct")  # the HF generate baseline runs on it in any case
     variants = args.variants.split(",")
-    paths = {"dense": dense_path, **({"sparse": sparse_checkpoint(args.sparse)} if "sparse" in variants else {})}
+    paths = variant_checkpoints(variants, args.sparse)
     levels = [int(x) for x in args.concurrency.split(",")]
     hf = HFGenerate(dense_path, args.max_tokens)
     runs: dict[tuple[str, int], list[Level]] = {}

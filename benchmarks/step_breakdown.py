@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common import run_facts, sparse_checkpoint
+from common import run_facts, variant_checkpoints
 
 PROMPT = list(range(100, 140))  # 40 token ids
 
@@ -125,9 +125,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ["SPARSE_SERVE_DECODER"] = "python"  # the stubs are Python: every engine runs the Python loop
 
-    from compress.models.registry import fetch_model
-
-    paths = {"dense": fetch_model("smollm2-135m-instruct"), "sparse": sparse_checkpoint(args.sparse)}
+    paths = variant_checkpoints(["dense", "sparse"], args.sparse)
     max_tokens = (args.rounds + 1) * args.steps + 8
     steppers = {(v, stubbed): Stepper(path, stubbed, max_tokens) for v, path in paths.items() for stubbed in (False, True)}
     for s in steppers.values():
