@@ -109,7 +109,7 @@ class PrepackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, prepacked={self.packed.prepacked}, "
-                f"gemv={self.packed.rows is not None}")
+                f"gemv={'coded' if self.packed.coded is not None else self.packed.rows is not None}")
 
 
 def prepack_linears(model: nn.Module, decode_rows: bool = True) -> list[str]:
@@ -125,13 +125,15 @@ def prepack_linears(model: nn.Module, decode_rows: bool = True) -> list[str]:
 
 def decode_weights(model: nn.Module) -> list[Tensor]:
     """The CPU tensors a decode step streams: each sparse linear's packed tensors and each prepacked
-    linear's row-major weight (the GEMV's; oneDNN's prepacked copy is opaque), with every parameter that
-    views the same memory (an embedding tied to the LM head), for :func:`kernels.hugepages.place_in_huge_pages`."""
+    linear's row-major or exponent-coded weight (the GEMV's; oneDNN's prepacked copy is opaque), with every
+    parameter that views the same memory (an embedding tied to the LM head), for :func:`kernels.hugepages.place_in_huge_pages`."""
     streamed: list[Tensor] = []
     for module in model.modules():
         if isinstance(module, SparseLinear):
             streamed += [t for t in packed_tensors(module.packed)
                          if t.device.type == "cpu" and t.layout == torch.strided]
+        elif isinstance(module, PrepackedLinear) and module.packed.coded is not None:
+            streamed += [module.packed.coded.low, module.packed.coded.codes]
         elif isinstance(module, PrepackedLinear) and module.packed.rows is not None:
             streamed.append(module.packed.rows)
     spans = {_span(t) for t in streamed}

@@ -3,7 +3,7 @@ portable dense fallback.
 
 Contract:
 
-* ``cpu_avx512`` (priority 10; bf16) needs a CPU with AVX512-F/BW/VL, AVX512-BF16 and AVX512-VBMI2
+* ``cpu_avx512`` (priority 10; bf16) needs a CPU with AVX512-F/BW/VL, AVX512-BF16, AVX512-VBMI and AVX512-VBMI2
   and a C++ compiler: the extension ``bitmask_linear.cpp`` is compiled on first use with torch's
   extension machinery and cached under ``$SPARSE_SERVE_CACHE/torch_extensions`` (default
   ``~/.cache/sparse-serve``), so later processes load it in a fraction of a second. ``pack``
@@ -28,7 +28,8 @@ Contract:
   GEMV (``dense_gemm_decode``, a plain-load twin of the decode kernel) for up to
   ``dense_decode_max_rows`` rows when the weight was kept row-major (``prepack_dense(decode_rows=True)``),
   oneDNN's prepacked linear otherwise. At one row the GEMV is 1.2-2.5x faster than oneDNN here; from
-  two rows oneDNN wins.
+  two rows oneDNN wins. A weight whose exponents take at most 16 values is kept exponent-coded for it
+  instead (``coded_gemm_decode``, :mod:`kernels.exponent_coding`): lossless, 0.75x the bytes, the same sums.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.bitmask import BitmaskTensor, bitmask_words, word_popcounts
+from kernels.exponent_coding import CodedWeight, code_exponents
 from kernels.registry import Kernel, register
 
 log = logging.getLogger(__name__)
 
 CHUNK = 32  # bf16 lanes of one AVX-512 register
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vbmi2", "bmi2")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vbmi2", "bmi2")
 SOURCE = Path(__file__).with_name("bitmask_linear.cpp")
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi2",
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vbmi2",
           "-mpopcnt", "-mbmi2"]
 
 
@@ -243,6 +245,7 @@ class CpuTuning:
     pairs_max_rows: int = 256
     pairs_max_density: float = 0.33
     dense_decode_max_rows: int = 1
+    code_exponents: bool = True
     decode_plan: DecodePlan | None = None
     window_max_overfull: float = 0.15
     tile_bytes: int = 64 * 2**20
@@ -450,31 +453,50 @@ register(Kernel(
 # -- the portable fallback: prepacked oneDNN dense -------------------------------------------------
 @dataclass(frozen=True)
 class PrepackedDense:
-    """A dense weight prepacked for oneDNN (or plain, where oneDNN cannot take the dtype), and the plain
-    row-major bf16 weight for the AVX-512 decode GEMV where that runs (``rows``)."""
+    """A dense weight prepacked for oneDNN (or plain, where oneDNN cannot take the dtype), and for the AVX-512
+    decode GEMV where that runs: the weight exponent-coded where that is exact (``coded``), else row-major
+    bf16 (``rows``)."""
 
     weight: Tensor  # [N, K], opaque when prepacked
     prepacked: bool
     shape: tuple[int, int]
     rows: Tensor | None = None  # [N, K] bf16 contiguous: decode steps read it with dense_gemm_decode
+    coded: CodedWeight | None = None  # decode steps read it with coded_gemm_decode (then rows is None)
 
 
 def prepack_dense(weight: Tensor, decode_rows: bool = True) -> PrepackedDense:
     """Prepack a dense [N, K] weight for ``torch.ops.mkldnn._linear_pointwise`` when oneDNN can; with
-    ``decode_rows`` also keep it row-major for the AVX-512 decode GEMV (bf16 on AVX-512 CPUs: no copy
-    when ``weight`` is already contiguous, e.g. an LM head tied to the embedding, else one more copy
-    of the weight in memory)."""
+    ``decode_rows`` also keep it for the AVX-512 decode GEMV (bf16 on AVX-512 CPUs): exponent-coded when its
+    exponents take at most 16 values (``TUNING.code_exponents``; :mod:`kernels.exponent_coding`, 0.75x the
+    bytes), else row-major (no copy when ``weight`` is already contiguous, e.g. an LM head tied to the
+    embedding, else one more copy of the weight in memory)."""
     shape = (weight.shape[0], weight.shape[1])
-    rows = weight.contiguous() if decode_rows and weight.dtype == torch.bfloat16 and avx512_available() else None
+    gemv = decode_rows and weight.dtype == torch.bfloat16 and avx512_available()
+    coded = code_exponents(weight) if gemv and TUNING.code_exponents else None
+    rows = weight.contiguous() if gemv and coded is None else None
     if torch.backends.mkldnn.is_available() and weight.dtype in (torch.bfloat16, torch.float32):
-        return PrepackedDense(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), True, shape, rows)
-    return PrepackedDense(weight, False, shape, rows)
+        return PrepackedDense(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), True, shape, rows, coded)
+    return PrepackedDense(weight, False, shape, rows, coded)
+
+
+def _gemv(packed: PrepackedDense) -> Callable[[Tensor, Tensor | None], Tensor] | None:
+    """The decode GEMV over ``packed``'s row-major or coded weight, as gemv(x, bias32); None without one."""
+    ext = extension()
+    if packed.coded is not None:
+        sm, codes, table = packed.coded.low, packed.coded.codes, packed.coded.table
+        return lambda x, bias32: ext.coded_gemm_decode(x, sm, codes, table, bias32)
+    if packed.rows is not None:
+        rows = packed.rows
+        return lambda x, bias32: ext.dense_gemm_decode(x, rows, bias32)
+    return None
 
 
 def dense_linear(x: Tensor, packed: PrepackedDense, bias: Tensor | None = None) -> Tensor:
     """x [M, K] -> y [M, N] through the fastest dense path: the decode GEMV for few rows, else oneDNN."""
-    if packed.rows is not None and x.shape[0] <= TUNING.dense_decode_max_rows and x.dtype == torch.bfloat16:
-        return extension().dense_gemm_decode(x, packed.rows, bias)
+    if x.shape[0] <= TUNING.dense_decode_max_rows and x.dtype == torch.bfloat16:
+        gemv = _gemv(packed)
+        if gemv is not None:
+            return gemv(x.contiguous(), bias)
     if packed.prepacked:
         return torch.ops.mkldnn._linear_pointwise(x, packed.weight, bias, "none", [], "")
     return F.linear(x, packed.weight, bias)
@@ -482,23 +504,29 @@ def dense_linear(x: Tensor, packed: PrepackedDense, bias: Tensor | None = None) 
 
 def bind_dense(packed: PrepackedDense, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
     """:func:`dense_linear` for one weight with its lookups done once (the GEMV's bias already float32)."""
-    if packed.rows is None:
+    gemv = _gemv(packed)
+    if gemv is None:
         return lambda x: dense_linear(x, packed, bias)
-    gemv, rows = extension().dense_gemm_decode, packed.rows
     bias32 = _float_bias(bias)
 
     def forward(x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
         if x.shape[0] <= TUNING.dense_decode_max_rows and x.dtype == torch.bfloat16 and x.is_contiguous():
-            return gemv(x, rows, bias32)
+            return gemv(x, bias32)
         return dense_linear(x, packed, bias)
     return forward
 
 
 def native_dense(packed: PrepackedDense, bias: Tensor | None) -> object | None:
     """:func:`bind_dense`'s GEMV path as a linear of the compiled decoder (up to ``dense_decode_max_rows``
-    rows), where the weight was kept row-major for it."""
+    rows), where the weight was kept for it (coded or row-major)."""
     ext = decoder_extension()
-    if packed.rows is None or isinstance(ext, str):
+    if isinstance(ext, str):
+        return None
+    if packed.coded is not None:
+        coded = packed.coded
+        return ext.Linear.coded(coded.low, coded.codes, coded.table, _float_bias(bias),
+                                TUNING.dense_decode_max_rows)
+    if packed.rows is None:
         return None
     return ext.Linear.dense(packed.rows, _float_bias(bias), TUNING.dense_decode_max_rows)
 

@@ -176,18 +176,16 @@ void stream_rows(const uint32_t* masks, const bf16* values, const int64_t* row_o
   }
 }
 
-// Dense rows, the same streaming loop without the expand: one weight row at a time, plain loads (the
-// last chunk masked when K is not a multiple of 32). The dense baseline's decode path: oneDNN's
-// linear is 2-5x slower than this at one activation row on Zen 4 (benchmarks/kernels.py).
-template <int MB>
-void dense_rows(const bf16* w, int64_t k, const bf16* x, int64_t x_stride, int64_t begin, int64_t end, float* out,
-                int64_t n_out) {
+// The dense GEMV's loop: one weight row at a time, chunk(n, c, mask) giving chunk c of weight row n (the lanes
+// outside mask zero: the last chunk when K is not a multiple of 32), U chains of accumulators at one row.
+template <int MB, typename Chunk>
+void chunk_rows(const Chunk& chunk, int64_t k, const bf16* x, int64_t x_stride, int64_t begin, int64_t end,
+                float* out, int64_t n_out) {
   constexpr int U = MB == 1 ? 2 : 1;
   const int64_t full = k / kChunk;
   const int64_t tail = k - full * kChunk;
   const __mmask32 tail_mask = tail == 0 ? 0u : ((1u << tail) - 1u);
   for (int64_t n = begin; n < end; ++n) {
-    const bf16* row = w + n * k;
     __m512 acc[U][MB];
     for (int u = 0; u < U; ++u)
       for (int m = 0; m < MB; ++m) acc[u][m] = _mm512_setzero_ps();
@@ -195,7 +193,7 @@ void dense_rows(const bf16* w, int64_t k, const bf16* x, int64_t x_stride, int64
     for (; c + U <= full; c += U) {
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
-        const __m512i wv = _mm512_loadu_si512(static_cast<const void*>(row + (c + u) * kChunk));
+        const __m512i wv = chunk(n, c + u, 0xffffffffu);
 #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m) {
           const __m512i xv = _mm512_loadu_si512(static_cast<const void*>(x + m * x_stride + (c + u) * kChunk));
@@ -206,7 +204,7 @@ void dense_rows(const bf16* w, int64_t k, const bf16* x, int64_t x_stride, int64
     for (; c <= full; ++c) {  // the chunks U did not cover, then the partial one
       const __mmask32 mask = c < full ? 0xffffffffu : tail_mask;
       if (mask == 0) break;
-      const __m512i wv = _mm512_maskz_loadu_epi16(mask, row + c * kChunk);
+      const __m512i wv = chunk(n, c, mask);
       for (int m = 0; m < MB; ++m) {
         const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * x_stride + c * kChunk);
         acc[0][m] = _mm512_dpbf16_ps(acc[0][m], (__m512bh)wv, (__m512bh)xv);
@@ -217,6 +215,48 @@ void dense_rows(const bf16* w, int64_t k, const bf16* x, int64_t x_stride, int64
       out[m * n_out + n] = _mm512_reduce_add_ps(acc[0][m]);
     }
   }
+}
+
+// Dense rows, the same streaming loop without the expand: plain loads. The dense baseline's decode path:
+// oneDNN's linear is 2-5x slower than this at one activation row on Zen 4 (benchmarks/kernels.py).
+template <int MB>
+void dense_rows(const bf16* w, int64_t k, const bf16* x, int64_t x_stride, int64_t begin, int64_t end, float* out,
+                int64_t n_out) {
+  const auto chunk = [w, k](int64_t n, int64_t c, __mmask32 mask) {
+    const bf16* p = w + n * k + c * kChunk;
+    return mask == 0xffffffffu ? _mm512_loadu_si512(static_cast<const void*>(p)) : _mm512_maskz_loadu_epi16(mask, p);
+  };
+  chunk_rows<MB>(chunk, k, x, x_stride, begin, end, out, n_out);
+}
+
+// Exponent-coded rows: a lossless layout for bf16 weights whose high bytes (sign and the top 7 exponent bits)
+// take at most 16 values (an LM head dequantized from a GGUF file takes 14): per weight its low byte and a
+// 4-bit code of its high byte, 12 bits against bf16's 16; a 16-entry table gives the high bytes back (see
+// kernels/exponent_coding.py). Chunk c of a row (32 weights) keeps its codes in 16 bytes: byte j holds weight
+// 32c + j (low nibble) and 32c + 16 + j (high nibble). A chunk decodes in registers to the exact bf16 weights:
+// the codes looked up by vpermb in the table repeated every 16 bytes (so the bits above a nibble need no
+// masking), then low and high bytes interleaved by one vpermt2b. coded_rows reads 0.75x dense_rows' bytes
+// and, K a multiple of 32, adds in the same order: the sums are bit for bit dense_rows'.
+struct CodedTables {
+  __m256i high;        // the 16 high bytes, twice
+  __m512i interleave;  // vpermt2b indices: byte 2i <- low byte i, byte 2i + 1 <- high byte i
+};
+
+inline __m512i decode_coded(const uint8_t* low, const uint8_t* codes, const CodedTables& t) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m256i nibbles = _mm256_inserti128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
+  const __m256i high = _mm256_permutexvar_epi8(nibbles, t.high);  // [32] high bytes
+  const __m512i lows = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low)));
+  return _mm512_permutex2var_epi8(lows, t.interleave, _mm512_castsi256_si512(high));
+}
+
+template <int MB>
+void coded_rows(const uint8_t* low, const uint8_t* codes, const CodedTables& table, int64_t k, const bf16* x,
+                int64_t x_stride, int64_t begin, int64_t end, float* out, int64_t n_out) {
+  const auto chunk = [low, codes, &table, k](int64_t n, int64_t c, __mmask32) {  // K is whole chunks
+    return decode_coded(low + n * k + c * kChunk, codes + n * (k / 2) + c * (kChunk / 2), table);
+  };
+  chunk_rows<MB>(chunk, k, x, x_stride, begin, end, out, n_out);
 }
 
 // Windowed decode, for sparse weights: a 64-column window (two mask words) costs one vpcompressb of
@@ -329,6 +369,13 @@ constexpr RowsFn kRowsSinglePass[kMaxSinglePass - kMaxBlock] = {gemv_rows<9>, ge
 
 constexpr DenseFn kDense[kMaxBlock] = {
     dense_rows<1>, dense_rows<2>, dense_rows<3>, dense_rows<4>, dense_rows<5>, dense_rows<6>, dense_rows<7>, dense_rows<8>,
+};
+
+using CodedFn = void (*)(const uint8_t*, const uint8_t*, const CodedTables&, int64_t, const bf16*, int64_t, int64_t,
+                         int64_t, float*, int64_t);
+constexpr CodedFn kCoded[kMaxBlock] = {
+    coded_rows<1>, coded_rows<2>, coded_rows<3>, coded_rows<4>,
+    coded_rows<5>, coded_rows<6>, coded_rows<7>, coded_rows<8>,
 };
 
 constexpr RowsFn kWindow[kMaxBlock] = {
@@ -755,29 +802,72 @@ torch::Tensor bitmask_gemm_panels(const torch::Tensor& x, const torch::Tensor& m
   });
 }
 
+namespace {
+
+// The frame of the dense GEMVs: y [M, N] = bf16(sums + bias), rows of the weight split between the threads,
+// passes of up to 8 activation rows; pass(mb, x + m0 K, begin, end, sums + m0 N) fills one pass's sums.
+template <typename Pass>
+torch::Tensor gemv_passes(const torch::Tensor& x, int64_t n, const c10::optional<torch::Tensor>& bias, Pass pass) {
+  const int64_t m_rows = x.size(0), k = x.size(1);
+  torch::Tensor bias_f32 = bias_as_float(bias, n);
+  const float* bias_p = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  auto acc = torch::empty({m_rows, n}, x.options().dtype(torch::kFloat32));
+  auto y = torch::empty({m_rows, n}, x.options());
+  const auto* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
+  float* out = acc.data_ptr<float>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxBlock)
+      pass(std::min<int64_t>(kMaxBlock, m_rows - m0), xp + m0 * k, begin, end, out + m0 * n);
+    store_rows(out, bias_p, yp, m_rows, n, begin, end);
+  });
+  return y;
+}
+
+}  // namespace
+
 // x [M, K] bf16, dense weight [N, K] bf16 (contiguous), bias [N] or None -> y [M, N] bf16.
 torch::Tensor dense_gemm_decode(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
               "x must be contiguous bfloat16 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
               "w must be contiguous bfloat16 [N, K] with x's K");
-  const int64_t m_rows = x.size(0), k = x.size(1), n = w.size(0);
-  torch::Tensor bias_f32 = bias_as_float(bias, n);
-  const float* bias_p = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
-  auto acc = torch::empty({m_rows, n}, x.options().dtype(torch::kFloat32));
-  auto y = torch::empty({m_rows, n}, x.options());
+  const int64_t k = x.size(1);
   const auto* wp = reinterpret_cast<const bf16*>(w.data_ptr<at::BFloat16>());
-  const auto* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
-  float* out = acc.data_ptr<float>();
-  auto* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxBlock) {
-      const int64_t mb = std::min<int64_t>(kMaxBlock, m_rows - m0);
-      kDense[mb - 1](wp, k, xp + m0 * k, k, begin, end, out + m0 * n, n);
-    }
-    store_rows(out, bias_p, yp, m_rows, n, begin, end);
+  return gemv_passes(x, w.size(0), bias, [&](int64_t mb, const bf16* xm, int64_t begin, int64_t end, float* out) {
+    kDense[mb - 1](wp, k, xm, k, begin, end, out, w.size(0));
   });
-  return y;
+}
+
+// x [M, K] bf16, exponent-coded weight [N, K] (low uint8 [N, K], codes uint8 [N, K/2], table uint8 [16]; see
+// coded_rows; K a multiple of 32), bias [N] or None -> y [M, N] bf16, bit for bit dense_gemm_decode's.
+torch::Tensor coded_gemm_decode(const torch::Tensor& x, const torch::Tensor& low, const torch::Tensor& codes,
+                                const torch::Tensor& table, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
+              "x must be contiguous bfloat16 [M, K]");
+  const int64_t k = x.size(1), n = low.size(0);
+  TORCH_CHECK(low.dim() == 2 && low.scalar_type() == torch::kUInt8 && low.is_contiguous() && low.size(1) == k &&
+                  k % kChunk == 0,
+              "low must be contiguous uint8 [N, K] with x's K, a multiple of 32");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() &&
+                  codes.size(0) == n && codes.size(1) == k / 2,
+              "codes must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(table.dim() == 1 && table.scalar_type() == torch::kUInt8 && table.is_contiguous() && table.size(0) == 16,
+              "table must be contiguous uint8 [16]");
+  alignas(64) uint8_t high[32], interleave[64];
+  std::memcpy(high, table.data_ptr<uint8_t>(), 16);
+  std::memcpy(high + 16, high, 16);
+  for (int i = 0; i < 32; ++i) {
+    interleave[2 * i] = static_cast<uint8_t>(i);           // from the first source: the low bytes
+    interleave[2 * i + 1] = static_cast<uint8_t>(64 + i);  // from the second: the high bytes
+  }
+  const CodedTables tab{_mm256_load_si256(reinterpret_cast<const __m256i*>(high)),
+                        _mm512_load_si512(static_cast<const void*>(interleave))};
+  const auto* lp = low.data_ptr<uint8_t>();
+  const auto* cp = codes.data_ptr<uint8_t>();
+  return gemv_passes(x, n, bias, [&](int64_t mb, const bf16* xm, int64_t begin, int64_t end, float* out) {
+    kCoded[mb - 1](lp, cp, tab, k, xm, k, begin, end, out, n);
+  });
 }
 
 // Rows [begin, end) of the packed weight written densely into out, bf16 [end - begin, K] (contiguous).
@@ -830,6 +920,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x W^T + b, W packed bitmask, a few dozen rows of x (panels)",
         py::arg("x"), py::arg("masks"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"));
   m.def("dense_gemm_decode", &dense_gemm_decode, "y = x W^T + b for a few rows of x, W dense bf16 (AVX-512 BF16)");
+  m.def("coded_gemm_decode", &coded_gemm_decode,
+        "y = x W^T + b for a few rows of x, W bf16 in the exponent-coded layout (bit for bit dense_gemm_decode)");
   m.def("bitmask_decompress_into", &bitmask_decompress_into, py::call_guard<py::gil_scoped_release>(),
         "dense bf16 rows of a packed bitmask weight");
 }

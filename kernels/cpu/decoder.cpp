@@ -9,8 +9,10 @@
 // they keep their own modules out), in the order and with the arguments the Python forward
 // (sparse_serve/models/llama.py) uses, so the results are bit for bit the same.
 //
-//   Linear.sparse(masks, values, row_offsets, bias_f32, loops, max_rows) / Linear.dense(w, bias_f32, max_rows)
-//       a bound linear: the decode kernel with its loops, or the dense GEMV; bias float32 or None
+//   Linear.sparse(masks, values, row_offsets, bias_f32, loops, max_rows) / Linear.dense(w, bias_f32, max_rows) /
+//   Linear.coded(sign_mantissa, codes, table, bias_f32, max_rows)
+//       a bound linear: the decode kernel with its loops, or the dense GEMV on a row-major or exponent-coded
+//       weight (kernels/exponent_coding.py); bias float32 or None
 //   Layer(input_norm, input_eps, post_norm, post_eps, qkv, o, gate_up, down, q_heads, kv_heads, head_dim, scale)
 //   Decoder(layers, final_norm, final_eps).run(h [T, D], cos, sin [T, d], slots [T], tables [T, nb], lens [T],
 //                                              caches [k0, v0, k1, v1, ...]) -> final_norm(h) [T, D]
@@ -28,6 +30,8 @@ torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& m
                                   const torch::Tensor& row_offsets, const c10::optional<torch::Tensor>& bias,
                                   const std::vector<int64_t>& loops);
 torch::Tensor dense_gemm_decode(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
+torch::Tensor coded_gemm_decode(const torch::Tensor& x, const torch::Tensor& sm, const torch::Tensor& codes,
+                                const torch::Tensor& table, const c10::optional<torch::Tensor>& bias);
 // fused_ops.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor add_rms_norm_(torch::Tensor& h, const torch::Tensor& delta, const torch::Tensor& w, double eps);
@@ -41,23 +45,31 @@ namespace sparse_serve_decoder {
 
 // One linear as kernels/cpu/__init__.py binds it for decode-sized batches (bind_avx512, bind_dense).
 struct Linear {
-  bool sparse = false;
-  std::vector<torch::Tensor> weight;  // sparse: masks, values, row_offsets; dense: w [N, K]
+  enum class Kind { kSparse, kDense, kCoded };
+  Kind kind = Kind::kDense;
+  std::vector<torch::Tensor> weight;  // sparse: masks, values, row_offsets; dense: w [N, K]; coded: sm, codes, table
   c10::optional<torch::Tensor> bias;  // float32 [N]
   std::vector<int64_t> loops;         // sparse: the decode loop per pass size
   int64_t max_rows = 0;               // the most activation rows this kernel takes
 
   static Linear make_sparse(torch::Tensor masks, torch::Tensor values, torch::Tensor row_offsets,
                             c10::optional<torch::Tensor> bias, std::vector<int64_t> loops, int64_t max_rows) {
-    return {true, {std::move(masks), std::move(values), std::move(row_offsets)}, std::move(bias), std::move(loops),
-            max_rows};
+    return {Kind::kSparse, {std::move(masks), std::move(values), std::move(row_offsets)}, std::move(bias),
+            std::move(loops), max_rows};
   }
   static Linear make_dense(torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t max_rows) {
-    return {false, {std::move(w)}, std::move(bias), {}, max_rows};
+    return {Kind::kDense, {std::move(w)}, std::move(bias), {}, max_rows};
+  }
+  static Linear make_coded(torch::Tensor sm, torch::Tensor codes, torch::Tensor table,
+                           c10::optional<torch::Tensor> bias, int64_t max_rows) {
+    return {Kind::kCoded, {std::move(sm), std::move(codes), std::move(table)}, std::move(bias), {}, max_rows};
   }
   torch::Tensor operator()(const torch::Tensor& x) const {  // x [T, K] -> [T, N]
-    return sparse ? bitmask_gemm_decode(x, weight[0], weight[1], weight[2], bias, loops)
-                  : dense_gemm_decode(x, weight[0], bias);
+    switch (kind) {
+      case Kind::kSparse: return bitmask_gemm_decode(x, weight[0], weight[1], weight[2], bias, loops);
+      case Kind::kCoded: return coded_gemm_decode(x, weight[0], weight[1], weight[2], bias);
+      default: return dense_gemm_decode(x, weight[0], bias);
+    }
   }
 };
 
@@ -123,6 +135,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<d::Linear>(m, "Linear", py::module_local())
       .def_static("sparse", &d::Linear::make_sparse, "the sparse decode kernel on a packed bitmask weight")
       .def_static("dense", &d::Linear::make_dense, "the dense decode GEMV on a row-major bf16 weight")
+      .def_static("coded", &d::Linear::make_coded, "the dense decode GEMV on an exponent-coded bf16 weight")
       .def_readonly("max_rows", &d::Linear::max_rows)
       .def("__call__", &d::Linear::operator(), "y = x W^T + b for decode-sized x [T, K]");
   py::class_<d::Layer>(m, "Layer", py::module_local())
