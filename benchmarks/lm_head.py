@@ -3,7 +3,8 @@
 SmolLM2's LM head (its tied embedding, 49152 x 576 bf16) takes 14 high bytes (sign and top exponent bits), so it
 is coded losslessly in 12 bits a weight. Part one times one activation row through it, weights from memory
 (a 64 MiB buffer written before every call), three ways, order rotating per round: oneDNN's prepacked linear
-(the dense baseline of benchmarks/kernels.py), the plain decode GEMV (``dense_gemm_decode``) and the coded one (``coded_gemm_decode``).
+(the dense baseline of benchmarks/kernels.py), the plain decode GEMV (``dense_gemm_decode``) and the coded one
+(``coded_gemm_decode``).
 Part two builds the serving engine (``LLMEngine``, as ``sparse-serve`` runs it) on SmolLM2 dense and on the
 Wanda 70% checkpoint, each with the LM head coded and plain (``CpuTuning.code_exponents``), and times
 64-token greedy decodes (40 prompt tokens, ``ignore_eos``), the four engines alternating; the ratios are

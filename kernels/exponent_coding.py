@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 CHUNK = 32  # weights per decoded register (bf16 lanes of 512 bits)
-CODES = 16  # exponents a 4-bit code can name
+CODES = 16  # high bytes a 4-bit code can name
 ROWS_PER_BLOCK = 4096  # rows coded at a time, so coding a large LM head needs little more than its output
 
 

@@ -28,7 +28,7 @@ Contract:
   GEMV (``dense_gemm_decode``, a plain-load twin of the decode kernel) for up to
   ``dense_decode_max_rows`` rows when the weight was kept row-major (``prepack_dense(decode_rows=True)``),
   oneDNN's prepacked linear otherwise. At one row the GEMV is 1.2-2.5x faster than oneDNN here; from
-  two rows oneDNN wins. A weight whose exponents take at most 16 values is kept exponent-coded for it
+  two rows oneDNN wins. A weight whose high bytes take at most 16 values is kept exponent-coded for it
   instead (``coded_gemm_decode``, :mod:`kernels.exponent_coding`): lossless, 0.75x the bytes, the same sums.
 """
 
@@ -467,9 +467,9 @@ class PrepackedDense:
 def prepack_dense(weight: Tensor, decode_rows: bool = True) -> PrepackedDense:
     """Prepack a dense [N, K] weight for ``torch.ops.mkldnn._linear_pointwise`` when oneDNN can; with
     ``decode_rows`` also keep it for the AVX-512 decode GEMV (bf16 on AVX-512 CPUs): exponent-coded when its
-    exponents take at most 16 values (``TUNING.code_exponents``; :mod:`kernels.exponent_coding`, 0.75x the
-    bytes), else row-major (no copy when ``weight`` is already contiguous, e.g. an LM head tied to the
-    embedding, else one more copy of the weight in memory)."""
+    high bytes (sign, top exponent bits) take at most 16 values (``TUNING.code_exponents``;
+    :mod:`kernels.exponent_coding`, 0.75x the bytes), else row-major (no copy when ``weight`` is already
+    contiguous, e.g. an LM head tied to the embedding, else one more copy of the weight in memory)."""
     shape = (weight.shape[0], weight.shape[1])
     gemv = decode_rows and weight.dtype == torch.bfloat16 and avx512_available()
     coded = code_exponents(weight) if gemv and TUNING.code_exponents else None
@@ -483,8 +483,8 @@ def _gemv(packed: PrepackedDense) -> Callable[[Tensor, Tensor | None], Tensor] |
     """The decode GEMV over ``packed``'s row-major or coded weight, as gemv(x, bias32); None without one."""
     ext = extension()
     if packed.coded is not None:
-        sm, codes, table = packed.coded.low, packed.coded.codes, packed.coded.table
-        return lambda x, bias32: ext.coded_gemm_decode(x, sm, codes, table, bias32)
+        low, codes, table = packed.coded.low, packed.coded.codes, packed.coded.table
+        return lambda x, bias32: ext.coded_gemm_decode(x, low, codes, table, bias32)
     if packed.rows is not None:
         rows = packed.rows
         return lambda x, bias32: ext.dense_gemm_decode(x, rows, bias32)

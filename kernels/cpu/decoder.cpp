@@ -10,7 +10,7 @@
 // (sparse_serve/models/llama.py) uses, so the results are bit for bit the same.
 //
 //   Linear.sparse(masks, values, row_offsets, bias_f32, loops, max_rows) / Linear.dense(w, bias_f32, max_rows) /
-//   Linear.coded(sign_mantissa, codes, table, bias_f32, max_rows)
+//   Linear.coded(low, codes, table, bias_f32, max_rows)
 //       a bound linear: the decode kernel with its loops, or the dense GEMV on a row-major or exponent-coded
 //       weight (kernels/exponent_coding.py); bias float32 or None
 //   Layer(input_norm, input_eps, post_norm, post_eps, qkv, o, gate_up, down, q_heads, kv_heads, head_dim, scale)
@@ -30,7 +30,7 @@ torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& m
                                   const torch::Tensor& row_offsets, const c10::optional<torch::Tensor>& bias,
                                   const std::vector<int64_t>& loops);
 torch::Tensor dense_gemm_decode(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
-torch::Tensor coded_gemm_decode(const torch::Tensor& x, const torch::Tensor& sm, const torch::Tensor& codes,
+torch::Tensor coded_gemm_decode(const torch::Tensor& x, const torch::Tensor& low, const torch::Tensor& codes,
                                 const torch::Tensor& table, const c10::optional<torch::Tensor>& bias);
 // fused_ops.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
@@ -47,7 +47,7 @@ namespace sparse_serve_decoder {
 struct Linear {
   enum class Kind { kSparse, kDense, kCoded };
   Kind kind = Kind::kDense;
-  std::vector<torch::Tensor> weight;  // sparse: masks, values, row_offsets; dense: w [N, K]; coded: sm, codes, table
+  std::vector<torch::Tensor> weight;  // sparse: masks, values, row_offsets; dense: w [N, K]; coded: low, codes, table
   c10::optional<torch::Tensor> bias;  // float32 [N]
   std::vector<int64_t> loops;         // sparse: the decode loop per pass size
   int64_t max_rows = 0;               // the most activation rows this kernel takes
@@ -60,9 +60,9 @@ struct Linear {
   static Linear make_dense(torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t max_rows) {
     return {Kind::kDense, {std::move(w)}, std::move(bias), {}, max_rows};
   }
-  static Linear make_coded(torch::Tensor sm, torch::Tensor codes, torch::Tensor table,
+  static Linear make_coded(torch::Tensor low, torch::Tensor codes, torch::Tensor table,
                            c10::optional<torch::Tensor> bias, int64_t max_rows) {
-    return {Kind::kCoded, {std::move(sm), std::move(codes), std::move(table)}, std::move(bias), {}, max_rows};
+    return {Kind::kCoded, {std::move(low), std::move(codes), std::move(table)}, std::move(bias), {}, max_rows};
   }
   torch::Tensor operator()(const torch::Tensor& x) const {  // x [T, K] -> [T, N]
     switch (kind) {
