@@ -26,9 +26,9 @@ Contract:
   AVX-512 is no slower than dense (nor smaller).
 * :func:`dense_linear` is also the dense path of the serving engine: the extension's AVX-512 dense
   GEMV (``dense_gemm_decode``, a plain-load twin of the decode kernel) for up to
-  ``dense_decode_max_rows`` rows when the weight was kept row-major (``prepack_dense(decode_rows=True)``),
-  oneDNN's prepacked linear otherwise. At one row the GEMV is 1.2-2.5x faster than oneDNN here; from
-  two rows oneDNN wins. A weight whose high bytes take at most 16 values is kept exponent-coded for it
+  a few rows when the weight was kept row-major (``prepack_dense(decode_rows=True)``),
+  oneDNN's prepacked linear otherwise (``CpuTuning.dense_decode_rows``: how many rows depends on the weight's
+  shape). A weight whose high bytes take at most 16 values is kept exponent-coded for it
   instead (``coded_gemm_decode``, :mod:`kernels.exponent_coding`): lossless, 0.75x the bytes, the same sums.
 """
 
@@ -236,7 +236,17 @@ class CpuTuning:
     the wide shapes (0.83-0.89x against 0.83-0.88x) and lost on SmolLM2's (0.85-0.90x against
     0.89-1.00x). So the panels take up to ``panels_max_rows`` = 192 rows. At 85% sparsity the pair
     gather ran 1.11-1.35x up to 256 rows (decompress + GEMM 0.82-0.91x) and 0.85-0.98x at 512
-    (0.90-0.94x): it takes up to ``pairs_max_rows`` = 256."""
+    (0.90-0.94x): it takes up to ``pairs_max_rows`` = 256.
+
+    The dense decode GEMV (``dense_gemm_decode``, ``coded_gemm_decode``) against oneDNN's prepacked linear,
+    weights from memory, two threads (throwaway scripts): at one row 1.15-2.4x on every shape. At two rows
+    1.4-2.2x on SmolLM2's decoder linears (576 and 1536 columns), 0.78-1.14x on 4096 and 11008 columns; at
+    three to eight rows 0.35-1.5x, below 1x on most shapes. SmolLM2's LM head (49152 x 576, exponent-coded)
+    kept winning longer: 2.06x at two rows, 1.46-1.69x at three and four, 1.18-1.31x at five and six, 1.16x
+    at seven, 0.99x at eight. So the GEMV takes up to ``dense_decode_max_rows`` = 2 rows, one on weights more
+    than ``wide_cols`` columns wide, and up to ``tall_dense_decode_max_rows`` = 6 on weights of at least
+    ``tall_rows`` output rows (a vocabulary: oneDNN splits so tall a weight poorly at a few rows) that are
+    not wide (:meth:`dense_decode_rows`)."""
 
     decode_max_rows: int = 16
     wide_cols: int = 2048
@@ -244,7 +254,9 @@ class CpuTuning:
     panels_max_rows: int = 192
     pairs_max_rows: int = 256
     pairs_max_density: float = 0.33
-    dense_decode_max_rows: int = 1
+    dense_decode_max_rows: int = 2
+    tall_rows: int = 16384
+    tall_dense_decode_max_rows: int = 6
     code_exponents: bool = True
     decode_plan: DecodePlan | None = None
     window_max_overfull: float = 0.15
@@ -254,6 +266,12 @@ class CpuTuning:
     def decode_rows(self, k: int) -> int:
         """The most activation rows the decode kernel takes for a weight ``k`` columns wide."""
         return self.decode_max_rows if k <= self.wide_cols else min(self.decode_max_rows, self.wide_decode_max_rows)
+
+    def dense_decode_rows(self, n: int, k: int) -> int:
+        """The most activation rows the dense decode GEMV takes for an [n, k] weight (oneDNN above)."""
+        if k > self.wide_cols:
+            return 1
+        return self.tall_dense_decode_max_rows if n >= self.tall_rows else self.dense_decode_max_rows
 
     def rows_per_tile(self, n: int, k: int) -> int:
         return self.tile_rows or min(n, max(CHUNK, self.tile_bytes // (2 * k)))
@@ -493,7 +511,7 @@ def _gemv(packed: PrepackedDense) -> Callable[[Tensor, Tensor | None], Tensor] |
 
 def dense_linear(x: Tensor, packed: PrepackedDense, bias: Tensor | None = None) -> Tensor:
     """x [M, K] -> y [M, N] through the fastest dense path: the decode GEMV for few rows, else oneDNN."""
-    if x.shape[0] <= TUNING.dense_decode_max_rows and x.dtype == torch.bfloat16:
+    if x.shape[0] <= TUNING.dense_decode_rows(*packed.shape) and x.dtype == torch.bfloat16:
         gemv = _gemv(packed)
         if gemv is not None:
             return gemv(x.contiguous(), bias)
@@ -508,27 +526,28 @@ def bind_dense(packed: PrepackedDense, bias: Tensor | None) -> Callable[[Tensor]
     if gemv is None:
         return lambda x: dense_linear(x, packed, bias)
     bias32 = _float_bias(bias)
+    gemv_rows = TUNING.dense_decode_rows(*packed.shape)
 
     def forward(x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
-        if x.shape[0] <= TUNING.dense_decode_max_rows and x.dtype == torch.bfloat16 and x.is_contiguous():
+        if x.shape[0] <= gemv_rows and x.dtype == torch.bfloat16 and x.is_contiguous():
             return gemv(x, bias32)
         return dense_linear(x, packed, bias)
     return forward
 
 
 def native_dense(packed: PrepackedDense, bias: Tensor | None) -> object | None:
-    """:func:`bind_dense`'s GEMV path as a linear of the compiled decoder (up to ``dense_decode_max_rows``
-    rows), where the weight was kept for it (coded or row-major)."""
+    """:func:`bind_dense`'s GEMV path as a linear of the compiled decoder (up to
+    ``TUNING.dense_decode_rows`` rows), where the weight was kept for it (coded or row-major)."""
     ext = decoder_extension()
     if isinstance(ext, str):
         return None
     if packed.coded is not None:
         coded = packed.coded
         return ext.Linear.coded(coded.low, coded.codes, coded.table, _float_bias(bias),
-                                TUNING.dense_decode_max_rows)
+                                TUNING.dense_decode_rows(*packed.shape))
     if packed.rows is None:
         return None
-    return ext.Linear.dense(packed.rows, _float_bias(bias), TUNING.dense_decode_max_rows)
+    return ext.Linear.dense(packed.rows, _float_bias(bias), TUNING.dense_decode_rows(*packed.shape))
 
 
 register(Kernel(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels.cpu as cpu
+
 from kernels.cpu import avx512_available, avx512_unavailable_reason
 from sparse_serve.config import EngineConfig
 from sparse_serve.engine import LLMEngine
@@ -62,23 +64,28 @@ def test_decode_steps_equal_the_python_loop(tiny_model_dir, pruned_dirs, monkeyp
 
 
 def test_rows_beyond_the_linears_take_the_python_loop(tiny_model_dir, monkeypatch):
-    """The dense GEMV takes one row, so a dense model's decoder runs batch-1 steps only; two sequences
-    decoding together go through the Python loop (and still match it)."""
+    """The dense GEMV takes up to ``TUNING.dense_decode_rows`` rows (two on the tiny model's narrow weights),
+    so a dense model's decoder runs steps of up to two sequences; three decoding together go through the
+    Python loop. Both match the Python loop."""
     compiled, python = engine(tiny_model_dir, monkeypatch, "compiled"), engine(tiny_model_dir, monkeypatch, "python")
-    assert compiled.runner.net.compiled.max_rows == 1
+    assert compiled.runner.net.compiled.max_rows == cpu.TUNING.dense_decode_max_rows == 2
     counter = compiled.runner.net.compiled = Counting(compiled.runner.net.compiled)
-    prompts = [list(range(5, 20)), list(range(9, 30))]
-    got, want = step_logits(compiled, prompts, 6), step_logits(python, prompts, 6)
-    assert counter.runs == 0
+    two = [list(range(5, 20)), list(range(9, 30))]
+    got, want = step_logits(compiled, two, 6), step_logits(python, two, 6)
+    assert counter.runs == 5  # every decode step of the two sequences (the prefill step gives the first token)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    three = two + [list(range(40, 52))]
+    got, want = step_logits(compiled, three, 6), step_logits(python, three, 6)
+    assert counter.runs == 5  # none more: three rows are beyond the GEMV's two
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_run_names_the_rows_it_takes(tiny_model_dir, monkeypatch):
     decoder = engine(tiny_model_dir, monkeypatch, "compiled").runner.net.compiled
-    h = torch.zeros(2, 96, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="takes 1 to 1 rows, got 2"):
-        decoder.run(h, h, h, torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
-                    torch.ones(2, dtype=torch.long), [])
+    h = torch.zeros(3, 96, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="takes 1 to 2 rows, got 3"):
+        decoder.run(h, h, h, torch.zeros(3, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long),
+                    torch.ones(3, dtype=torch.long), [])
 
 
 def test_off_where_a_part_has_no_compiled_form(tiny_model_dir, monkeypatch):

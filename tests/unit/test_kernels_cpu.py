@@ -97,7 +97,7 @@ def test_compiled_decoder_linears_are_the_bound_forward(with_bias):
     linear = torch.nn.Linear(72, 48, bias=with_bias).bfloat16()
     dense = PrepackedLinear(linear)
     sparse = SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), linear.bias)
-    for module, rows in ((dense, cpu.TUNING.dense_decode_max_rows), (sparse, cpu.TUNING.decode_rows(72))):
+    for module, rows in ((dense, cpu.TUNING.dense_decode_rows(48, 72)), (sparse, cpu.TUNING.decode_rows(72))):
         native = module.native()
         assert native.max_rows == rows
         for m in range(1, rows + 1):
@@ -289,7 +289,7 @@ def test_dense_gemv_equals_a_float32_linear(m, n, k, with_bias):
     assert_close_bf16(cpu.extension().dense_gemm_decode(x, w, bias), ref)
 
 
-def test_dense_linear_takes_the_gemv_for_one_row_and_onednn_above(monkeypatch):
+def test_dense_linear_takes_the_gemv_for_few_rows_and_onednn_above(monkeypatch):
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
     monkeypatch.setattr(cpu.TUNING, "code_exponents", False)  # the row-major GEMV (the coded one: below)
@@ -300,10 +300,21 @@ def test_dense_linear_takes_the_gemv_for_one_row_and_onednn_above(monkeypatch):
     gemv = cpu.extension().dense_gemm_decode
     monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {"dense_gemm_decode": staticmethod(
         lambda *a: calls.append(a[0].shape[0]) or gemv(*a))}))
-    for m in (1, 2, 5):
+    for m in (1, 2, 3, 5):
         x = torch.randn(m, 96).bfloat16()
         assert_close_bf16(cpu.dense_linear(x, packed), cpu.dense_linear(x, plain))
-    assert calls == [1]  # TUNING.dense_decode_max_rows: oneDNN wins from two rows
+    assert calls == [1, 2]  # TUNING.dense_decode_rows(40, 96): oneDNN from three rows
+
+
+def test_dense_decode_rows_follow_the_weight_shape():
+    """The GEMV's row limit: ``dense_decode_max_rows`` for a narrow weight, one row for a wide one, more for a
+    tall (vocabulary-sized) one that is not wide."""
+    t = cpu.CpuTuning()
+    assert t.dense_decode_rows(3072, 576) == t.dense_decode_max_rows == 2
+    assert t.dense_decode_rows(4096, t.wide_cols + 1) == 1
+    assert t.dense_decode_rows(t.tall_rows, 576) == t.tall_dense_decode_max_rows == 6
+    assert t.dense_decode_rows(t.tall_rows, t.wide_cols + 1) == 1
+    assert t.dense_decode_rows(t.tall_rows - 1, t.wide_cols) == 2
 
 
 def test_bitmask_words_follow_the_bitmask():
