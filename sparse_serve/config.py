@@ -28,8 +28,8 @@ class ModelConfig(_Strict):
     max_model_len: int | None = Field(None, ge=16, description="context length; None: the model's, at most 8192")
     dense: bool = Field(False, description="decompress sparse weights and serve dense (the baseline)")
     kernel: str | None = Field(None, description="force a sparse kernel (cpu_avx512, cpu_dense, reference)")
-    dense_gemv: bool = Field(True, description="also keep dense weights row-major for the AVX-512 one-row GEMV "
-                                               "(1.2-2.5x oneDNN at decode; one more copy of each untied dense weight)")
+    dense_gemv: bool = Field(True, description="also keep dense weights row-major for the AVX-512 decode GEMV "
+                                               "(1.2-2.5x oneDNN at one row; one more copy of each untied dense weight)")
     huge_pages: bool = Field(True, description="place the weights decode streams in transparent huge pages "
                                                "(madvise; dense decode 1.24-1.35x faster on a 2-core Zen 4 VM)")
     variant: str | None = Field(None, description="metrics label 'variant'; None: dense, sparse or pruned, from the model")

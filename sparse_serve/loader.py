@@ -6,7 +6,7 @@ layers). Every decoder linear stored as sparse-bitmask - or stored dense with at
 ``compress_threshold`` zeros - is kept compressed and replaced by a :class:`kernels.linear.SparseLinear`
 running the kernel the registry selects for the device and dtype (``kernel`` forces one). With
 ``prepack`` every remaining dense CPU linear (lm_head included) is prepacked for oneDNN and, with
-``dense_gemv``, also kept row-major for the AVX-512 one-row GEMV that decode steps at batch 1 use (an
+``dense_gemv``, also kept row-major for the AVX-512 GEMV that decode steps of a few rows use (an
 LM head tied to the embedding shares its storage; other dense weights are held twice). With ``fuse``
 q/k/v and gate/up become one linear each (:mod:`sparse_serve.fusion`; the originals are views of it).
 ``dense=True`` decompresses everything instead (the baseline the speedups are measured against). With
