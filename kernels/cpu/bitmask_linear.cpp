@@ -22,6 +22,7 @@
 // Decompress: the same expand, stored to a dense [rows, K] bf16 tile (the prefill path runs a dense
 // GEMM on such tiles).
 #include <torch/extension.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -32,6 +33,13 @@
 #include <vector>
 
 namespace {
+
+// An output tensor straight from the CPU allocator. torch::empty goes through the dispatcher (and its
+// profiler hooks) first, and a decode step makes a dozen outputs a layer: allocating them here made a 70%-sparse
+// SmolLM2 decode step 1.05-1.11x faster (three process pairs alternating, TPOT 4.75-5.32 against 5.15-5.70 ms).
+inline torch::Tensor empty_cpu(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+  return at::detail::empty_cpu(sizes, options.dtype().toScalarType(), false, c10::nullopt);
+}
 
 using bf16 = uint16_t;
 constexpr int64_t kChunk = 32;  // bf16 lanes of one 512-bit register
@@ -718,8 +726,8 @@ torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& m
   }
   torch::Tensor bias_f32 = bias_as_float(bias, n);
   const float* bias_p = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
-  auto acc = torch::empty({m_rows, n}, x.options().dtype(torch::kFloat32));  // float32 sums
-  auto y = torch::empty({m_rows, n}, x.options());
+  auto acc = empty_cpu({m_rows, n}, x.options().dtype(torch::kFloat32));  // float32 sums
+  auto y = empty_cpu({m_rows, n}, x.options());
   const auto* mp = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
   const auto* vp = reinterpret_cast<const bf16*>(values.data_ptr<at::BFloat16>());
   const auto* op = row_offsets.data_ptr<int64_t>();
@@ -767,7 +775,7 @@ torch::Tensor many_rows(const torch::Tensor& x, const torch::Tensor& masks, cons
     pass(m0, groups, mptr, vp, row_offsets.data_ptr<int64_t>(), xt.data_ptr<int32_t>(), mp, kc, n, sp);
   }
   torch::Tensor bias_f32 = bias_as_float(bias, n);
-  auto y = torch::empty({m_rows, n}, x.options());
+  auto y = empty_cpu({m_rows, n}, x.options());
   store_transposed(sp, mp, bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr, y.data_ptr<at::BFloat16>(),
                    m_rows, n);
   return y;
@@ -811,8 +819,8 @@ torch::Tensor gemv_passes(const torch::Tensor& x, int64_t n, const c10::optional
   const int64_t m_rows = x.size(0), k = x.size(1);
   torch::Tensor bias_f32 = bias_as_float(bias, n);
   const float* bias_p = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
-  auto acc = torch::empty({m_rows, n}, x.options().dtype(torch::kFloat32));
-  auto y = torch::empty({m_rows, n}, x.options());
+  auto acc = empty_cpu({m_rows, n}, x.options().dtype(torch::kFloat32));
+  auto y = empty_cpu({m_rows, n}, x.options());
   const auto* xp = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
   float* out = acc.data_ptr<float>();
   auto* yp = y.data_ptr<at::BFloat16>();

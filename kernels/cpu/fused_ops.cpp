@@ -31,6 +31,7 @@
 //       torch's scaled_dot_product_attention with GQA at 37 rows, 3.1x at 512, on SmolLM2's heads:
 //       benchmarks/fused_ops.py).
 #include <torch/extension.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -46,6 +47,13 @@
 #include <vector>
 
 namespace {
+
+// An output tensor straight from the CPU allocator. torch::empty goes through the dispatcher (and its
+// profiler hooks) first, and a decode step makes a dozen outputs a layer: allocating them here made a 70%-sparse
+// SmolLM2 decode step 1.05-1.11x faster (three process pairs alternating, TPOT 4.75-5.32 against 5.15-5.70 ms).
+inline torch::Tensor empty_cpu(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+  return at::detail::empty_cpu(sizes, options.dtype().toScalarType(), false, c10::nullopt);
+}
 
 // Rounds a float to the storage type (identity for float).
 template <typename T>
@@ -422,7 +430,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   check_rows(x, 2, "x");
   TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(1) && w.scalar_type() == x.scalar_type(),
               "w must be a contiguous [D] tensor of x's dtype");
-  auto y = torch::empty({x.size(0), x.size(1)}, x.options());
+  auto y = empty_cpu({x.size(0), x.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -441,7 +449,7 @@ torch::Tensor add_rms_norm_(torch::Tensor& h, const torch::Tensor& delta, const 
               "h and delta must have the same shape and dtype");
   TORCH_CHECK(w.is_contiguous() && w.numel() == h.size(1) && w.scalar_type() == h.scalar_type(),
               "w must be a contiguous [D] tensor of h's dtype");
-  auto y = torch::empty({h.size(0), h.size(1)}, h.options());
+  auto y = empty_cpu({h.size(0), h.size(1)}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "add_rms_norm_", [&] {
     add_rms_rows(h.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                  y.data_ptr<scalar_t>(), h.size(0), h.size(1), h.stride(0), delta.stride(0), eps);
@@ -513,7 +521,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   check_rows(gate_up, 2, "gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must be [T, 2I]");
   const int64_t inter = gate_up.size(1) / 2;
-  auto y = torch::empty({gate_up.size(0), inter}, gate_up.options());
+  auto y = empty_cpu({gate_up.size(0), inter}, gate_up.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
     silu_mul_rows(gate_up.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), gate_up.size(0), inter, gate_up.stride(0));
   });
@@ -549,7 +557,7 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k_cache, const
   const auto n_tasks = static_cast<int64_t>(task_seq.size());
   // per task: the span's softmax state (mx, total [Hq]) and unnormalized sums acc [Hq, d]
   std::vector<float> mx(n_tasks * hq), total(n_tasks * hq), acc(n_tasks * hq * d);
-  auto out = torch::empty({batch, hq, d}, q.options());
+  auto out = empty_cpu({batch, hq, d}, q.options());
   const int64_t workers = positions * hq * d < kMinParallelWork ? 1 : std::min(threads, n_tasks);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
