@@ -541,13 +541,11 @@ def native_dense(packed: PrepackedDense, bias: Tensor | None) -> object | None:
     ext = decoder_extension()
     if isinstance(ext, str):
         return None
+    bias32, max_rows = _float_bias(bias), TUNING.dense_decode_rows(*packed.shape)
     if packed.coded is not None:
         coded = packed.coded
-        return ext.Linear.coded(coded.low, coded.codes, coded.table, _float_bias(bias),
-                                TUNING.dense_decode_rows(*packed.shape))
-    if packed.rows is None:
-        return None
-    return ext.Linear.dense(packed.rows, _float_bias(bias), TUNING.dense_decode_rows(*packed.shape))
+        return ext.Linear.coded(coded.low, coded.codes, coded.table, bias32, max_rows)
+    return None if packed.rows is None else ext.Linear.dense(packed.rows, bias32, max_rows)
 
 
 register(Kernel(
