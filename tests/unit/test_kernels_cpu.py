@@ -183,7 +183,8 @@ def test_decode_plan_is_measured_once_or_forced(tuning, monkeypatch):
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.95, 1.0])  # 0 and 0.5: windows of more than 32 nonzeros
-@pytest.mark.parametrize("n, k", [(19, 64), (23, 96), (9, 129), (6, 31), (40, 1000)])  # odd chunk counts, tails
+# odd chunk counts, tails; weight rows per thread under, at and past the 16 that one row-sum reduction takes
+@pytest.mark.parametrize("n, k", [(19, 64), (23, 96), (9, 129), (6, 31), (40, 1000), (64, 128), (97, 64)])
 def test_windowed_decode_loop_for_every_pass_size(sparsity, n, k):
     """The windowed loop (compressed column indices + permute), forced on for every pass of 1-8 rows and
     for 11 rows (a pass of 8, then 3), equals the reference, whatever the weight's windows hold."""
