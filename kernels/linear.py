@@ -15,8 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from kernels.argmax_screen import MAX_ROWS as SCREEN_MAX_ROWS, ArgmaxScreen, build_argmax_screen, screened_argmax
 from kernels.bitmask import BitmaskTensor
-from kernels.cpu import bind_dense, dense_linear, native_dense, prepack_dense
+from kernels.cpu import TUNING, bind_dense, dense_linear, extension, native_dense, prepack_dense
+from kernels.exponent_coding import decode_exponents
 from kernels.registry import Kernel, select
 
 OP = "bitmask_linear"
@@ -91,6 +93,7 @@ class PrepackedLinear(nn.Module):
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.packed = prepack_dense(linear.weight.detach(), decode_rows)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.screen: ArgmaxScreen | None = None  # see enable_argmax_screen
 
     def forward(self, x: Tensor) -> Tensor:  # x [..., K] -> [..., N]
         if x.dim() == 2:
@@ -106,6 +109,39 @@ class PrepackedLinear(nn.Module):
     def native(self) -> Any | None:
         """This layer as a linear of the compiled decoder, or None (see :meth:`SparseLinear.native`)."""
         return native_dense(self.packed, self.bias)
+
+    def enable_argmax_screen(self) -> str | None:
+        """Keep an int8 screen of the weight (:mod:`kernels.argmax_screen`, half the bytes of a bf16 copy) so
+        :meth:`argmax` can serve greedy steps of an LM head; None when kept, else why it cannot."""
+        exact = self.gemv_weight()
+        if exact is None:
+            return "no decode GEMV weight (a bf16 weight on an AVX-512 CPU, kept with decode_rows)"
+        if self.bias is not None:
+            return "the layer has a bias"
+        coded = self.packed.coded
+        screen = build_argmax_screen(decode_exponents(coded) if coded is not None else exact[0])
+        if isinstance(screen, str):
+            return screen
+        self.screen = screen
+        return None
+
+    def argmax(self, x: Tensor) -> Tensor | None:
+        """``forward(x).float().argmax(-1)`` for x [M, K]: [M] long, the first of equal largest logits, bit for
+        bit the forward's, through the screen; None where the screen does not serve these rows (none kept,
+        more rows than one pass of the decode GEMV, a non-finite activation): call ``forward`` then."""
+        rows = min(SCREEN_MAX_ROWS, TUNING.dense_decode_rows(self.out_features, self.in_features))
+        exact = self.gemv_weight()
+        if self.screen is None or exact is None or x.dim() != 2 or x.dtype != torch.bfloat16 \
+                or not 1 <= x.shape[0] <= rows:
+            return None
+        return screened_argmax(x.contiguous(), self.screen, exact, extension())
+
+    def gemv_weight(self) -> list[Tensor] | None:
+        """The decode GEMV's weight as the screen's exact pass takes it: [low, codes, table] or [rows]."""
+        coded, rows = self.packed.coded, self.packed.rows
+        if coded is not None:
+            return [coded.low, coded.codes, coded.table]
+        return None if rows is None else [rows]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, prepacked={self.packed.prepacked}, "
@@ -125,17 +161,19 @@ def prepack_linears(model: nn.Module, decode_rows: bool = True) -> list[str]:
 
 def decode_weights(model: nn.Module) -> list[Tensor]:
     """The CPU tensors a decode step streams: each sparse linear's packed tensors and each prepacked
-    linear's row-major or exponent-coded weight (the GEMV's; oneDNN's prepacked copy is opaque), with every
+    linear's row-major or exponent-coded weight (the GEMV's; oneDNN's prepacked copy is opaque) and its argmax
+    screen where it keeps one, with every
     parameter that views the same memory (an embedding tied to the LM head), for :func:`kernels.hugepages.place_in_huge_pages`."""
     streamed: list[Tensor] = []
     for module in model.modules():
         if isinstance(module, SparseLinear):
             streamed += [t for t in packed_tensors(module.packed)
                          if t.device.type == "cpu" and t.layout == torch.strided]
-        elif isinstance(module, PrepackedLinear) and module.packed.coded is not None:
-            streamed += [module.packed.coded.low, module.packed.coded.codes]
-        elif isinstance(module, PrepackedLinear) and module.packed.rows is not None:
-            streamed.append(module.packed.rows)
+        elif isinstance(module, PrepackedLinear):
+            gemv = module.gemv_weight() or []
+            streamed += [t for t in gemv if t.dim() == 2]  # not the coded table
+            if module.screen is not None:
+                streamed += [module.screen.q, module.screen.qsum, module.screen.stats]
     spans = {_span(t) for t in streamed}
     return streamed + [p for p in model.parameters() if p.device.type == "cpu" and _span(p) in spans]
 

@@ -61,7 +61,8 @@ def answer_once(model_cfg: ModelConfig, engine_cfg: EngineConfig, prompt: str, m
     dtype = getattr(torch, model_cfg.dtype)
     loaded = load_for_serving(resolve_model(model_cfg.model), dtype=dtype, dense=model_cfg.dense,
                               kernel=model_cfg.kernel,
-                              dense_gemv=model_cfg.dense_gemv, huge_pages=model_cfg.huge_pages)
+                              dense_gemv=model_cfg.dense_gemv, huge_pages=model_cfg.huge_pages,
+                              argmax_screen=model_cfg.argmax_screen)
     tok = loaded.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]

@@ -22,7 +22,7 @@ from sparse_serve.block_manager import BlockManager
 from sparse_serve.config import EngineConfig
 from sparse_serve.model_runner import ModelRunner
 from sparse_serve.outputs import CompletionOutput, RequestOutput
-from sparse_serve.sampling import SamplingRow, make_generator, sample
+from sparse_serve.sampling import SampleOutput, SamplingRow, make_generator, plain_greedy, sample
 from sparse_serve.sampling_params import SamplingParams
 from sparse_serve.scheduler import Chunk, Scheduler
 from sparse_serve.sequence import Request, Sequence, Status
@@ -101,13 +101,15 @@ class LLMEngine:
                 touched[c.seq.request.request_id] = c.seq.request
                 if c.seq.request.first_scheduled is None:
                     c.seq.request.first_scheduled = start
+            rows = [SamplingRow(c.seq.params, c.seq.prompt_ids, c.seq.output_ids, c.seq.generator)
+                    for c in plan.chunks if c.completes]
             try:
-                logits = self.runner.execute(plan.chunks)
+                result = self.runner.execute(plan.chunks, argmax=plain_greedy(rows, self.eos_token_ids))
             except Exception as err:  # noqa: BLE001 - one bad step must not kill the engine
                 log.exception("forward pass failed; failing the %d requests in it", len(touched))
                 return self._fail(touched.values(), f"internal error in the forward pass: {err}"), self._gauges(stats)
             stats.prompt_tokens = sum(min(c.num_tokens, max(len(c.seq.prompt_ids) - c.start, 0)) for c in plan.chunks)
-            self._advance(plan.chunks, logits, stats)
+            self._advance(plan.chunks, rows, result, stats)
         outputs = [self._output(r) for r in touched.values()]
         stats.finished = self._aborted + [self._request_stats(r) for r in touched.values() if r.finished]
         self._aborted = []
@@ -125,14 +127,18 @@ class LLMEngine:
         self._aborted = []
         return self._gauges(stats)
 
-    def _advance(self, chunks: list[Chunk], logits: torch.Tensor, stats: StepStats) -> None:
+    def _advance(self, chunks: list[Chunk], rows: list[SamplingRow], result: torch.Tensor, stats: StepStats) -> None:
+        """Take the step's tokens: ``result`` is the completing rows' logits [S, V], or their token ids [S]
+        where the model picked them (plain greedy rows, see ``ModelRunner.execute``)."""
         done = [c for c in chunks if c.completes]
         for c in chunks:
             c.seq.num_computed += c.num_tokens
         if not done:
             return
-        rows = [SamplingRow(c.seq.params, c.seq.prompt_ids, c.seq.output_ids, c.seq.generator) for c in done]
-        sampled = sample(logits, rows, self.eos_token_ids)
+        if result.dim() == 1:
+            sampled = SampleOutput(token_ids=result.tolist(), logprobs=[None] * len(done))
+        else:
+            sampled = sample(result, rows, self.eos_token_ids)
         now = time.monotonic()
         for c, token, logprob in zip(done, sampled.token_ids, sampled.logprobs):
             self._append(c.seq, token, logprob, now, stats)

@@ -12,6 +12,8 @@ q/k/v and gate/up become one linear each (:mod:`sparse_serve.fusion`; the origin
 ``dense=True`` decompresses everything instead (the baseline the speedups are measured against). With
 ``huge_pages`` the tensors a decode step streams (:func:`kernels.linear.decode_weights`) move into one
 transparent-huge-page mapping (:mod:`kernels.hugepages`; ``ServingModel.huge_pages`` is it, or why not).
+With ``argmax_screen`` the LM head keeps an int8 screen (:mod:`kernels.argmax_screen`) through which greedy
+steps pick their token without reading all of the head (``ServingModel.argmax_screen``: "kept", or why not).
 ``ServingModel.facts`` describes the compression for ``/v1/models`` and the metrics.
 """
 
@@ -26,7 +28,7 @@ from torch import nn
 from compress.adapter import get_adapter
 from compress.checkpoint import load_checkpoint
 from kernels.hugepages import HugePageArena, place_in_huge_pages
-from kernels.linear import SparseLinear, decode_weights, prepack_linears, sparsify_linears
+from kernels.linear import PrepackedLinear, SparseLinear, decode_weights, prepack_linears, sparsify_linears
 from sparse_serve.fusion import fuse_linears
 from sparse_serve.models import paged_class
 
@@ -40,6 +42,7 @@ class ServingModel:
     sparse_linears: list[str] = field(default_factory=list)
     facts: dict[str, object] = field(default_factory=dict)
     huge_pages: HugePageArena | str = "not requested"  # where the streamed weights live, or why not there
+    argmax_screen: str = "not requested"  # "kept" when greedy steps use the LM head's screen, else why not
 
     @property
     def variant(self) -> str:
@@ -49,7 +52,7 @@ class ServingModel:
 def load_for_serving(path: str | Path, dtype: torch.dtype = torch.bfloat16, dense: bool = False,
                      compress_threshold: float = 0.3, kernel: str | None = None,
                      prepack: bool = True, fuse: bool = True, dense_gemv: bool = True,
-                     huge_pages: bool = True) -> ServingModel:
+                     huge_pages: bool = True, argmax_screen: bool = True) -> ServingModel:
     """The model at ``path`` with its sparse linears on the sparse kernels (see the module docstring)."""
     loaded = load_checkpoint(path, dtype=dtype, decompress=dense,
                              compress_threshold=None if dense else compress_threshold)
@@ -60,8 +63,18 @@ def load_for_serving(path: str | Path, dtype: torch.dtype = torch.bfloat16, dens
     if prepack:
         prepack_linears(loaded.model, decode_rows=dense_gemv)
     facts = compression_facts(loaded, replaced)
+    screen = screen_lm_head(loaded.model) if argmax_screen else "not requested"
     arena = place_in_huge_pages(decode_weights(loaded.model)) if huge_pages else "not requested"
-    return ServingModel(loaded.model.eval(), loaded.tokenizer, replaced, facts, arena)
+    return ServingModel(loaded.model.eval(), loaded.tokenizer, replaced, facts, arena, screen)
+
+
+def screen_lm_head(model: nn.Module) -> str:
+    """Give the LM head its argmax screen (:mod:`kernels.argmax_screen`): "kept", or why it has none."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, PrepackedLinear):
+        return f"the LM head is {type(head).__name__}, not a prepacked dense linear"
+    reason = head.enable_argmax_screen()
+    return "kept" if reason is None else reason
 
 
 def compression_facts(loaded, sparse_linears: list[str]) -> dict[str, object]:

@@ -49,10 +49,11 @@ class ModelRunner:
                         torch.zeros(self.num_blocks, self.block_size, h, d, dtype=dtype)) for h, d in shapes]
 
     @torch.inference_mode()
-    def execute(self, chunks: Seq[Chunk]) -> Tensor:
-        """Run one step; logits [S, V] of the chunks that complete their sequence."""
+    def execute(self, chunks: Seq[Chunk], argmax: bool = False) -> Tensor:
+        """Run one step; logits [S, V] of the chunks that complete their sequence, or with ``argmax`` (every
+        such row greedy) possibly their token ids [S] (long) instead, where the model picks them itself."""
         if all(c.num_tokens == 1 and c.completes for c in chunks):
-            return self._decode(chunks)
+            return self._decode(chunks, argmax)
         ids, positions, slots = [], [], []
         for c in chunks:
             ids.extend(c.seq.token_ids(c.start, c.start + c.num_tokens))
@@ -64,9 +65,9 @@ class ModelRunner:
         ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
         logits_rows = ends[torch.tensor([c.completes for c in chunks], dtype=torch.bool)]
         return self.net.forward(torch.tensor(ids, dtype=torch.long), torch.cat(positions), meta, self.caches,
-                                logits_rows)
+                                logits_rows, argmax)
 
-    def _decode(self, chunks: Seq[Chunk]) -> Tensor:
+    def _decode(self, chunks: Seq[Chunk], argmax: bool) -> Tensor:
         """A step of single-token decodes: what ``execute`` builds for it, from plain lists in one pass (the
         general path's per-chunk tensors cost more than a small model's whole glue)."""
         bs = self.block_size
@@ -81,7 +82,7 @@ class ModelRunner:
         lens = torch.tensor(positions) + 1
         meta = AttentionMetadata(slots=torch.tensor(slots), decode_rows=rows, decode_lens=lens, prefills=[],
                                  decode_tables=padded_tables(tables))
-        return self.net.forward(torch.tensor(ids), lens - 1, meta, self.caches, rows)
+        return self.net.forward(torch.tensor(ids), lens - 1, meta, self.caches, rows, argmax)
 
     def _metadata(self, chunks: Seq[Chunk], slots: Tensor) -> AttentionMetadata:
         decode_rows, decode_ctx, decode_tables, prefills = [], [], [], []

@@ -280,6 +280,13 @@ def _processed(
     return out
 
 
+def plain_greedy(rows: Sequence[SamplingRow], eos_token_ids: Collection[int]) -> bool:
+    """Whether every row takes the argmax of its raw logits and nothing else from them (greedy, no penalty
+    or ban, no logprobs): then the model may pick the tokens itself (``ModelRunner.execute(argmax=True)``)."""
+    return bool(rows) and all(is_greedy(r.params) and r.params.logprobs is None
+                              and not needs_processing(r, eos_token_ids) for r in rows)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(dim=-1)`` (the first maximum of each row; a NaN counts as the maximum), through numpy on
     CPU: its SIMD argmax took 4 us on SmolLM2's 49152 float32 logits where torch's reduction took 45 us."""

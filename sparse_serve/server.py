@@ -480,7 +480,8 @@ def load_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, server_cfg: Ser
     path = resolve_model(model_cfg.model)
     dtype = getattr(torch, model_cfg.dtype)
     loaded = load_for_serving(path, dtype=dtype, dense=model_cfg.dense, kernel=model_cfg.kernel,
-                              dense_gemv=model_cfg.dense_gemv, huge_pages=model_cfg.huge_pages)
+                              dense_gemv=model_cfg.dense_gemv, huge_pages=model_cfg.huge_pages,
+                              argmax_screen=model_cfg.argmax_screen)
     config = loaded.model.config
     max_len = model_cfg.max_model_len or min(getattr(config, "max_position_embeddings", 2048), 8192)
     engine = LLMEngine(loaded.model, eos_token_ids(loaded.model, loaded.tokenizer), max_len, engine_cfg, dtype)
@@ -489,8 +490,9 @@ def load_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, server_cfg: Ser
     facts = {**loaded.facts, "variant": variant, "dtype": model_cfg.dtype}
     metrics = PrometheusStatLogger(name, variant, info=facts, max_model_len=engine.max_model_len)
     async_engine = AsyncEngine(engine, engine_cfg.scheduler.max_waiting, on_step=metrics.record)
-    log.info("serving %s (%s) from %s: %d KV blocks of %d tokens, max_model_len %d", name, variant, path,
-             engine.blocks.num_blocks, engine.blocks.block_size, engine.max_model_len)
+    log.info("serving %s (%s) from %s: %d KV blocks of %d tokens, max_model_len %d; LM head argmax screen: %s",
+             name, variant, path, engine.blocks.num_blocks, engine.blocks.block_size, engine.max_model_len,
+             loaded.argmax_screen)
     return ServerState(async_engine, loaded.tokenizer, name, server_cfg, metrics, facts)
 
 

@@ -56,10 +56,11 @@ from kernels.registry import Kernel, register
 log = logging.getLogger(__name__)
 
 CHUNK = 32  # bf16 lanes of one AVX-512 register
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vbmi2", "bmi2")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512vbmi", "avx512_vbmi2", "avx512_vnni",
+                  "bmi2")
 SOURCE = Path(__file__).with_name("bitmask_linear.cpp")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vbmi2",
-          "-mpopcnt", "-mbmi2"]
+          "-mavx512vnni", "-mpopcnt", "-mbmi2"]
 
 
 # -- availability --------------------------------------------------------------------------------

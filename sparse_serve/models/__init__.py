@@ -2,7 +2,9 @@
 
 Contract: a paged model wraps a loaded transformers model (its modules, weights and kernels are used
 as they are - dense, sparse or structurally resized) and runs ``forward(ids [T], positions [T], meta,
-caches, logits_rows [S]) -> logits [S, V]`` over one step's flattened tokens. ``kv_shapes()`` gives
+caches, logits_rows [S], argmax=False) -> logits [S, V]`` over one step's flattened tokens (with ``argmax``
+it may return the greedy token ids [S] instead, where its LM head can pick them without all the logits).
+``kv_shapes()`` gives
 each layer's ``(kv_heads, head_dim)``, which may differ per layer after structured pruning; ``FUSED``
 names the groups of linears fused at load time (:mod:`sparse_serve.fusion`).
 """

@@ -51,6 +51,7 @@ class PagedLlama:
         self.embed, self.norm = decoder.embed_tokens, decoder.norm
         self.rotary = _Rotary(decoder.rotary_emb, self.embed.weight.dtype)
         self.lm_head = bound(model.lm_head)
+        self.head_argmax = getattr(model.lm_head, "argmax", None)  # x -> token ids [S] or None (a screened head)
         layers = list(decoder.layers)
         self.ops = layer_ops(self.embed.weight.device, self.embed.weight.dtype)
         # per layer: the norm before attention, the one before the MLP; then the final norm
@@ -68,7 +69,9 @@ class PagedLlama:
         return [(attn.kv_heads, attn.head_dim) for attn in self.attention]
 
     def forward(self, ids: Tensor, positions: Tensor, meta: AttentionMetadata, caches: KVCache,
-                logits_rows: Tensor) -> Tensor:
+                logits_rows: Tensor, argmax: bool = False) -> Tensor:
+        """logits [S, V] float32 of ``logits_rows``; with ``argmax``, where the LM head can pick each row's
+        largest logit without computing them all (a screened head), those token ids [S] long instead."""
         h = self.embed(ids)  # [T, D]: the residual stream, updated in place
         cos, sin = self.rotary(h, positions)  # [T, head_dim]
         if self.compiled is not None and not meta.prefills and ids.shape[0] <= self.compiled.max_rows:
@@ -77,6 +80,10 @@ class PagedLlama:
             x = self._layers(h, cos, sin, meta, caches)
         if logits_rows.numel() != x.shape[0]:  # decode-only steps need every row
             x = x[logits_rows]
+        if argmax and self.head_argmax is not None:
+            token_ids = self.head_argmax(x)  # [S] or None
+            if token_ids is not None:
+                return token_ids
         return self.lm_head(x).float()  # [S, V]
 
     def _layers(self, h: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, caches: KVCache) -> Tensor:

@@ -39,7 +39,7 @@ def engine(path, monkeypatch, decoder: str) -> LLMEngine:
 def step_logits(eng: LLMEngine, prompts: list[list[int]], tokens: int) -> list[torch.Tensor]:
     """The logits of every step while ``prompts`` decode ``tokens`` greedy tokens each."""
     logits, execute = [], eng.runner.execute
-    eng.runner.execute = lambda chunks: logits.append(execute(chunks)) or logits[-1]
+    eng.runner.execute = lambda chunks, argmax=False: logits.append(execute(chunks)) or logits[-1]  # logits, always
     for i, prompt in enumerate(prompts):
         eng.add_request(str(i), prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=tokens))
     while eng.has_work():

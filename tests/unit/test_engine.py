@@ -224,7 +224,7 @@ def test_a_failing_forward_fails_only_its_requests(tiny_model, monkeypatch):
     engine = engine_for(tiny_model)
     engine.add_request("doomed", prompts(1)[0], SamplingParams(max_tokens=5, **GREEDY))
     real = engine.runner.execute
-    monkeypatch.setattr(engine.runner, "execute", lambda chunks: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(engine.runner, "execute", lambda chunks, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
     outputs, _ = engine.step()
     assert outputs[0].error and "boom" in outputs[0].error and outputs[0].finished
     assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -124,7 +124,7 @@ def greedy_logits(path, monkeypatch, decoder: str, coded: bool) -> tuple[list[to
     eng = LLMEngine(model, eos_token_ids=[2], max_model_len=128, config=EngineConfig(), dtype=torch.bfloat16)
     assert (eng.runner.net.compiled is not None) == (decoder == "compiled")
     logits, execute = [], eng.runner.execute
-    eng.runner.execute = lambda chunks: logits.append(execute(chunks)) or logits[-1]
+    eng.runner.execute = lambda chunks, argmax=False: logits.append(execute(chunks)) or logits[-1]  # logits, always
     for i, prompt in enumerate([list(range(3, 30)), list(range(10, 50))]):
         eng.add_request(str(i), prompt, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=10))
     while eng.has_work():

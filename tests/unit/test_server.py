@@ -488,12 +488,12 @@ def failing_forward(srv, monkeypatch):
     original = runner.execute
     state = {"left": 0, "raised": 0}
 
-    def execute(chunks):
+    def execute(chunks, argmax=False):
         if state["left"] > 0:
             state["left"] -= 1
             state["raised"] += 1
             raise RuntimeError("injected forward failure")
-        return original(chunks)
+        return original(chunks, argmax)
 
     monkeypatch.setattr(runner, "execute", execute)
     return state
