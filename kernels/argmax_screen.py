@@ -23,8 +23,9 @@ can hold one entry 5x the next; quantized with the rest it would coarsen every o
 the bounds: on the 70%-sparse SmolLM2 every row of the head stayed a candidate), and the weight's residual at
 those entries is bounded by half a quantization step, ``s[n] / 2 |x[outliers]|_1``.
 
-Measured on SmolLM2 (``benchmarks/argmax_screen.py``): the head 1.39-1.70x faster than the coded decode GEMV
-plus argmax at 1-4 rows, a decode step 1.08x (dense) and 1.11x (70% sparse) faster, every token the same.
+Measured on SmolLM2 (``benchmarks/argmax_screen.py``, two runs): the head 1.39-1.90x faster than the coded
+decode GEMV plus argmax at 1-4 rows, a decode step 1.01-1.08x (dense) and 1.09-1.11x (70% sparse) faster,
+every token the same.
 
 Contract: :func:`build_argmax_screen` makes the screen from a bf16 ``[V, K]`` weight (or says why not: a
 non-finite weight); :func:`screened_argmax` returns the token ids ``[M]`` for up to 8 rows, or None where the

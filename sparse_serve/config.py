@@ -32,7 +32,7 @@ class ModelConfig(_Strict):
                                                "(1.2-2.5x oneDNN at one row; one more copy of each untied dense weight)")
     argmax_screen: bool = Field(True, description="greedy steps pick the token through an int8 screen of the LM "
                                                   "head (exact: the full head's argmax, ties included; the head "
-                                                  "1.4-1.7x faster on SmolLM2; half its bf16 bytes more memory)")
+                                                  "1.4-1.9x faster on SmolLM2; half its bf16 bytes more memory)")
     huge_pages: bool = Field(True, description="place the weights decode streams in transparent huge pages "
                                                "(madvise; dense decode 1.24-1.35x faster on a 2-core Zen 4 VM)")
     variant: str | None = Field(None, description="metrics label 'variant'; None: dense, sparse or pruned, from the model")
