@@ -101,22 +101,19 @@ def kernel_rows(head: PrepackedLinear, rows: list[torch.Tensor], rounds: int) ->
             candidates.append(int(((a + b) >= t - t.abs() / 64).any(dim=0).sum()))
         for r in tqdm(range(rounds), desc=f"kernel, {group} row(s)"):
             for x in batches:
-                times = {}
-                for way in (("full", "screen") if r % 2 == 0 else ("screen", "full")):
+                ways = {"full": lambda: argmax_rows(head(x).float()), "screen": lambda: head.argmax(x)}
+                picked, times = {}, {}
+                for way in (ways if r % 2 == 0 else reversed(ways)):
                     flush.fill_(r)
                     start = time.perf_counter()
-                    ids = argmax_rows(head(x).float()) if way == "full" else head.argmax(x)
+                    picked[way] = ways[way]()
                     times[way] = (time.perf_counter() - start) * 1e3
-                    if way == "full":
-                        want = ids
-                    else:
-                        got = ids
                 full_ms.append(times["full"])
                 screen_ms.append(times["screen"])
-                if got is None:
+                if picked["screen"] is None:
                     undecided += 1
                 else:
-                    agree = agree and torch.equal(got, want)
+                    agree = agree and torch.equal(picked["screen"], picked["full"])
         out.append({"rows": group, "calls": len(batches), "full_ms": statistics.median(full_ms),
                     "screen_ms": statistics.median(screen_ms),
                     "speedup": statistics.median(f / s for f, s in zip(full_ms, screen_ms)),

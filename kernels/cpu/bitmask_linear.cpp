@@ -76,6 +76,11 @@ inline __m512i expand_chunk(const bf16* ptr, uint32_t mask) {
   return _mm512_mask_expand_epi16(fresh_zero(), mask, _mm512_loadu_si512(static_cast<const void*>(ptr)));
 }
 
+// The first min(count, 16) of 16 lanes (count >= 0).
+inline __mmask16 lanes16(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
 // Lane j of the result: the sum of the 16 lanes of v[j]. Sixteen weight rows reduced at once take 45 vector ops,
 // under 3 a row, where one _mm512_reduce_add_ps takes 9 on its own latency chain. The windowed loop takes its row
 // sums this way (RowSums): at one activation row and 576 columns (9 windows a row) the reduction was a tenth of a
@@ -115,8 +120,7 @@ class RowSums {
     if (count_ == 0) return;
     for (int m = 0; m < MB; ++m) {
       for (int j = count_; j < 16; ++j) pending_[m][j] = _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(out_ + m * n_out_ + first_, static_cast<__mmask16>((1u << count_) - 1u),
-                            sum_lanes16(pending_[m]));
+      _mm512_mask_storeu_ps(out_ + m * n_out_ + first_, lanes16(count_), sum_lanes16(pending_[m]));
     }
     count_ = 0;
   }
@@ -282,14 +286,17 @@ void chunk_rows(const Chunk& chunk, int64_t k, const bf16* x, int64_t x_stride, 
 
 // Dense rows, the same streaming loop without the expand: plain loads. The dense baseline's decode path:
 // oneDNN's linear is 2-5x slower than this at one activation row on Zen 4 (benchmarks/kernels.py).
-template <int MB>
-void dense_rows(const bf16* w, int64_t k, const bf16* x, int64_t x_stride, int64_t begin, int64_t end, float* out,
-                int64_t n_out) {
-  const auto chunk = [w, k](int64_t n, int64_t c, __mmask32 mask) {
+inline auto dense_chunks(const bf16* w, int64_t k) {  // chunk(n, c, mask) of a row-major [N, K] weight
+  return [w, k](int64_t n, int64_t c, __mmask32 mask) {
     const bf16* p = w + n * k + c * kChunk;
     return mask == 0xffffffffu ? _mm512_loadu_si512(static_cast<const void*>(p)) : _mm512_maskz_loadu_epi16(mask, p);
   };
-  chunk_rows<MB>(chunk, k, x, x_stride, begin, end, out, n_out);
+}
+
+template <int MB>
+void dense_rows(const bf16* w, int64_t k, const bf16* x, int64_t x_stride, int64_t begin, int64_t end, float* out,
+                int64_t n_out) {
+  chunk_rows<MB>(dense_chunks(w, k), k, x, x_stride, begin, end, out, n_out);
 }
 
 // Exponent-coded rows: a lossless layout for bf16 weights whose high bytes (sign and the top 7 exponent bits)
@@ -326,13 +333,17 @@ CodedTables coded_tables(const torch::Tensor& table) {
           _mm512_load_si512(static_cast<const void*>(interleave))};
 }
 
+// chunk(n, c, mask) of an exponent-coded [N, K] weight (K is whole chunks, so mask is always full)
+inline auto coded_chunks(const uint8_t* low, const uint8_t* codes, const CodedTables& table, int64_t k) {
+  return [low, codes, &table, k](int64_t n, int64_t c, __mmask32) {
+    return decode_coded(low + n * k + c * kChunk, codes + n * (k / 2) + c * (kChunk / 2), table);
+  };
+}
+
 template <int MB>
 void coded_rows(const uint8_t* low, const uint8_t* codes, const CodedTables& table, int64_t k, const bf16* x,
                 int64_t x_stride, int64_t begin, int64_t end, float* out, int64_t n_out) {
-  const auto chunk = [low, codes, &table, k](int64_t n, int64_t c, __mmask32) {  // K is whole chunks
-    return decode_coded(low + n * k + c * kChunk, codes + n * (k / 2) + c * (kChunk / 2), table);
-  };
-  chunk_rows<MB>(chunk, k, x, x_stride, begin, end, out, n_out);
+  chunk_rows<MB>(coded_chunks(low, codes, table, k), k, x, x_stride, begin, end, out, n_out);
 }
 
 // Windowed decode, for sparse weights: a 64-column window (two mask words) costs one vpcompressb of
@@ -915,6 +926,17 @@ torch::Tensor dense_gemm_decode(const torch::Tensor& x, const torch::Tensor& w, 
   });
 }
 
+static void check_coded(const torch::Tensor& low, const torch::Tensor& codes, const torch::Tensor& table, int64_t k) {
+  TORCH_CHECK(low.dim() == 2 && low.scalar_type() == torch::kUInt8 && low.is_contiguous() && low.size(1) == k &&
+                  k % kChunk == 0,
+              "low must be contiguous uint8 [N, K] with x's K, a multiple of 32");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() &&
+                  codes.size(0) == low.size(0) && codes.size(1) == k / 2,
+              "codes must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(table.dim() == 1 && table.scalar_type() == torch::kUInt8 && table.is_contiguous() && table.size(0) == 16,
+              "table must be contiguous uint8 [16]");
+}
+
 // x [M, K] bf16, exponent-coded weight [N, K] (low uint8 [N, K], codes uint8 [N, K/2], table uint8 [16]; see
 // coded_rows; K a multiple of 32), bias [N] or None -> y [M, N] bf16, bit for bit dense_gemm_decode's.
 torch::Tensor coded_gemm_decode(const torch::Tensor& x, const torch::Tensor& low, const torch::Tensor& codes,
@@ -922,14 +944,7 @@ torch::Tensor coded_gemm_decode(const torch::Tensor& x, const torch::Tensor& low
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
               "x must be contiguous bfloat16 [M, K]");
   const int64_t k = x.size(1), n = low.size(0);
-  TORCH_CHECK(low.dim() == 2 && low.scalar_type() == torch::kUInt8 && low.is_contiguous() && low.size(1) == k &&
-                  k % kChunk == 0,
-              "low must be contiguous uint8 [N, K] with x's K, a multiple of 32");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() &&
-                  codes.size(0) == n && codes.size(1) == k / 2,
-              "codes must be contiguous uint8 [N, K/2]");
-  TORCH_CHECK(table.dim() == 1 && table.scalar_type() == torch::kUInt8 && table.is_contiguous() && table.size(0) == 16,
-              "table must be contiguous uint8 [16]");
+  check_coded(low, codes, table, k);
   const CodedTables tab = coded_tables(table);
   const auto* lp = low.data_ptr<uint8_t>();
   const auto* cp = codes.data_ptr<uint8_t>();
@@ -1086,7 +1101,7 @@ void screen_tiles(const int8_t* q, const int32_t* qsum, const float* stats, cons
     const __m512i qs = _mm512_slli_epi32(_mm512_loadu_si512(static_cast<const void*>(qsum + n)), 7);
     const __m512 scale = stat(kScale, n), r2 = stat(kResidual2, n), r1 = stat(kResidual1, n);
     const __m512 q2 = stat(kQuant2, n), q1 = stat(kQuant1, n), w1 = stat(kAbs1, n);
-    const auto live = static_cast<__mmask16>(n + 16 <= v ? 0xffff : (1u << (v - n)) - 1u);
+    const __mmask16 live = lanes16(v - n);
     for (int m = 0; m < MB; ++m) {
       const ScreenedRow& r = xs[m];
       const __m512i d = _mm512_sub_epi32(acc[m], qs);  // q . xq (xu = xq + 128): exact, |d| < 2^24
@@ -1159,7 +1174,7 @@ std::vector<int64_t> screen_candidates(const float* upper, const std::vector<flo
   }
   std::vector<int64_t> rows;
   for (int64_t n = 0; n < v; n += 16) {
-    __mmask16 hit = n + 16 <= v ? 0xffff : static_cast<__mmask16>((1u << (v - n)) - 1u);
+    const __mmask16 hit = lanes16(v - n);
     __mmask16 any = 0;
     for (int64_t m = 0; m < m_rows; ++m)
       any |= _mm512_mask_cmp_ps_mask(hit, _mm512_loadu_ps(upper + m * vp + n), floor[m], _CMP_GE_OQ);
@@ -1220,25 +1235,15 @@ torch::Tensor screened_argmax(const torch::Tensor& x, const torch::Tensor& q, co
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(0) == v &&
                     w.size(1) == k,
                 "w must be contiguous bfloat16 [V, K]");
-    const auto* wp = reinterpret_cast<const bf16*>(w.data_ptr<at::BFloat16>());
-    const auto chunk = [wp, k](int64_t n, int64_t c, __mmask32 mask) {
-      const bf16* p = wp + n * k + c * kChunk;
-      return mask == 0xffffffffu ? _mm512_loadu_si512(static_cast<const void*>(p)) : _mm512_maskz_loadu_epi16(mask, p);
-    };
-    exact_rows_for(m_rows, chunk, rows, k, xb, sums.data());
+    exact_rows_for(m_rows, dense_chunks(reinterpret_cast<const bf16*>(w.data_ptr<at::BFloat16>()), k), rows, k, xb,
+                   sums.data());
   } else {
     const torch::Tensor &low = exact[0], &codes = exact[1], &table = exact[2];
-    TORCH_CHECK(low.scalar_type() == torch::kUInt8 && low.is_contiguous() && low.size(0) == v && low.size(1) == k &&
-                    codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.size(1) == k / 2 &&
-                    table.numel() == 16 && k % kChunk == 0,
-                "low, codes and table must be the head's exponent-coded weight");
+    check_coded(low, codes, table, k);
+    TORCH_CHECK(low.size(0) == v, "low must have the head's V = ", v, " rows");
     const CodedTables tab = coded_tables(table);
-    const auto* lp = low.data_ptr<uint8_t>();
-    const auto* cp = codes.data_ptr<uint8_t>();
-    const auto chunk = [lp, cp, &tab, k](int64_t n, int64_t c, __mmask32) {
-      return decode_coded(lp + n * k + c * kChunk, cp + n * (k / 2) + c * (kChunk / 2), tab);
-    };
-    exact_rows_for(m_rows, chunk, rows, k, xb, sums.data());
+    exact_rows_for(m_rows, coded_chunks(low.data_ptr<uint8_t>(), codes.data_ptr<uint8_t>(), tab, k), rows, k, xb,
+                   sums.data());
   }
   auto* out = ids.data_ptr<int64_t>();
   const auto count = static_cast<int64_t>(rows.size());
