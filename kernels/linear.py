@@ -94,6 +94,8 @@ class PrepackedLinear(nn.Module):
         self.packed = prepack_dense(linear.weight.detach(), decode_rows)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.screen: ArgmaxScreen | None = None  # see enable_argmax_screen
+        self._screen_exact: list[Tensor] = []  # the exact pass's weight (gemv_weight), kept with the screen
+        self._screen_rows = 0  # the most activation rows argmax takes (one pass of the decode GEMV)
 
     def forward(self, x: Tensor) -> Tensor:  # x [..., K] -> [..., N]
         if x.dim() == 2:
@@ -122,19 +124,18 @@ class PrepackedLinear(nn.Module):
         screen = build_argmax_screen(decode_exponents(coded) if coded is not None else exact[0])
         if isinstance(screen, str):
             return screen
-        self.screen = screen
+        self.screen, self._screen_exact = screen, exact
+        self._screen_rows = min(SCREEN_MAX_ROWS, TUNING.dense_decode_rows(self.out_features, self.in_features))
         return None
 
     def argmax(self, x: Tensor) -> Tensor | None:
         """``forward(x).float().argmax(-1)`` for x [M, K]: [M] long, the first of equal largest logits, bit for
         bit the forward's, through the screen; None where the screen does not serve these rows (none kept,
         more rows than one pass of the decode GEMV, a non-finite activation): call ``forward`` then."""
-        rows = min(SCREEN_MAX_ROWS, TUNING.dense_decode_rows(self.out_features, self.in_features))
-        exact = self.gemv_weight()
-        if self.screen is None or exact is None or x.dim() != 2 or x.dtype != torch.bfloat16 \
-                or not 1 <= x.shape[0] <= rows:
+        if self.screen is None or x.dim() != 2 or x.dtype != torch.bfloat16 \
+                or not 1 <= x.shape[0] <= self._screen_rows:
             return None
-        return screened_argmax(x.contiguous(), self.screen, exact, extension())
+        return screened_argmax(x.contiguous(), self.screen, self._screen_exact, extension())
 
     def gemv_weight(self) -> list[Tensor] | None:
         """The decode GEMV's weight as the screen's exact pass takes it: [low, codes, table] or [rows]."""
