@@ -19,8 +19,10 @@ Contract:
   time into a small buffer; or, for a weight whose share of nonzero column pairs is at most
   ``pairs_max_density`` (``PackedBitmask.pair_density``; from ~82% sparsity), up to ``pairs_max_rows``
   rows, the pair gather: only the nonzero pairs are multiplied, each with 16 activation rows at once.
-  More rows (prefill) decompress
-  the weight (or tiles of it, within ``tile_bytes``) into a reused scratch buffer and run a dense GEMM.
+  More rows (prefill) decompress the weight into one reused scratch buffer in oneDNN's own prepacked form
+  (:func:`blocked_weight`, checked per shape by :func:`blocked_form`) and run oneDNN's GEMM on it, bit for bit
+  its GEMM on the dense weight; where oneDNN prepacks otherwise, or the weight exceeds ``blocked_max_bytes``,
+  into a row-major buffer (whole, or tiles within ``tile_bytes``) for a plain dense GEMM.
 * ``cpu_dense`` (priority 5; every float dtype) is the fallback on any CPU: ``pack`` decompresses
   once and prepacks the weight for oneDNN, ``apply`` runs :func:`dense_linear`, so a machine without
   AVX-512 is no slower than dense (nor smaller).
@@ -239,6 +241,14 @@ class CpuTuning:
     gather ran 1.11-1.35x up to 256 rows (decompress + GEMM 0.82-0.91x) and 0.85-0.98x at 512
     (0.90-0.94x): it takes up to ``pairs_max_rows`` = 256.
 
+    Decompress + GEMM then moved to oneDNN's prepacked form (``bitmask_decompress_blocked``; oneDNN's GEMM on a
+    plain row-major weight reorders it inside every call). Same process, alternating, 50% and 70%, SmolLM2's
+    and the 4096-wide shapes, against oneDNN on its own prepacked weight (throwaway script): 0.88-0.96x at 256
+    rows against the row-major path's 0.79-0.93x, 0.94-0.98x at 512 against 0.83-0.93x. At 128 rows it ran
+    0.80-0.91x against the panels' 0.90-0.98x, at 192 0.86-0.95x against 0.85-0.96x (the panels ahead on
+    SmolLM2's shapes), so ``panels_max_rows`` stays. The form needs one scratch buffer as large as the largest
+    such weight: up to ``blocked_max_bytes`` (256 MiB: every linear of a 7B LLaMA, gate and up fused).
+
     The dense decode GEMV (``dense_gemm_decode``, ``coded_gemm_decode``) against oneDNN's prepacked linear,
     weights from memory, two threads (throwaway scripts): at one row 1.15-2.4x on every shape. At two rows
     1.4-2.2x on SmolLM2's decoder linears (576 and 1536 columns), 0.78-1.14x on 4096 and 11008 columns; at
@@ -263,6 +273,7 @@ class CpuTuning:
     window_max_overfull: float = 0.15
     tile_bytes: int = 64 * 2**20
     tile_rows: int | None = None
+    blocked_max_bytes: int = 256 * 2**20
 
     def decode_rows(self, k: int) -> int:
         """The most activation rows the decode kernel takes for a weight ``k`` columns wide."""
@@ -396,6 +407,57 @@ def _scratch_for(rows: int, cols: int) -> Tensor:
 _SHARED = torch.empty(0, dtype=torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class BlockedForm:
+    """oneDNN's prepacked form of a bf16 [N, K] linear weight, where it is the blocked form
+    ``bitmask_decompress_blocked`` writes (rows in blocks of 64, each block column pair by column pair)."""
+
+    metadata: Tensor  # uint8: oneDNN's serialized memory descriptor
+    nbytes: int
+    pairs: int  # column pairs a row, K padded
+
+
+@functools.cache
+def blocked_form(n: int, k: int) -> BlockedForm | None:
+    """The blocked form of an [n, k] weight, or None where oneDNN prepacks it otherwise (another ISA, e.g. AMX,
+    or oneDNN version): a random weight is prepacked once per shape and its bytes compared with the form."""
+    probe = torch.randn(n, k, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)  # [N, K]
+    prepacked = torch.ops.mkldnn._reorder_linear_weight(probe)
+    nbytes, rows = int(torch.ops.mkldnn._nbytes(prepacked)), -(-n // BLOCK_ROWS) * BLOCK_ROWS
+    pairs = nbytes // (4 * rows)
+    if 4 * rows * pairs != nbytes or pairs < CHUNK // 2 * -(-k // CHUNK):
+        return None
+    blocks = F.pad(probe, (0, 2 * pairs - k, 0, rows - n)).view(rows // BLOCK_ROWS, BLOCK_ROWS, pairs, 2)
+    raw = extension().mkldnn_bytes(prepacked, nbytes).view(torch.bfloat16)  # [blocks * pairs * 64 * 2]
+    if not torch.equal(raw.view(rows // BLOCK_ROWS, pairs, BLOCK_ROWS, 2), blocks.transpose(1, 2)):
+        return None
+    return BlockedForm(torch.ops.mkldnn._get_mkldnn_serialized_md(prepacked), nbytes, pairs)
+
+
+def blocked_weight(packed: PackedBitmask) -> Tensor | None:
+    """``packed`` decompressed into one scratch buffer shared by every weight, as an oneDNN weight (valid until
+    the next call); None where the shape's form is not the blocked one or exceeds ``blocked_max_bytes``."""
+    global _BLOCKED
+    n, k = packed.shape
+    form = blocked_form(n, k) if 2 * n * k <= TUNING.blocked_max_bytes else None
+    if form is None or form.nbytes > TUNING.blocked_max_bytes:
+        return None
+    if _BLOCKED.numel() < form.nbytes:
+        _BLOCKED_VIEWS.clear()  # they point into the old buffer
+        _BLOCKED = torch.empty(form.nbytes, dtype=torch.uint8)
+    ext = extension()
+    ext.bitmask_decompress_blocked(packed.masks, packed.values, packed.row_offsets, _BLOCKED, form.pairs)
+    view = _BLOCKED_VIEWS.get(packed.shape)
+    if view is None:
+        view = _BLOCKED_VIEWS[packed.shape] = ext.blocked_weight_view(_BLOCKED, form.metadata, *packed.shape)
+    return view
+
+
+BLOCK_ROWS = 64  # rows of a block of oneDNN's prepacked form (kBlockRows)
+_BLOCKED = torch.empty(0, dtype=torch.uint8)
+_BLOCKED_VIEWS: dict[tuple[int, int], Tensor] = {}
+
+
 def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -> Tensor:
     """x [M, K] bf16 -> y [M, N] bf16: decode kernel for few rows, the panel GEMM (or for a very sparse weight
     the pair gather) for a few dozen rows, tiled decompress + GEMM for more."""
@@ -409,6 +471,9 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
         ext = extension()
         many_rows = ext.bitmask_gemm_pairs if sparse_enough else ext.bitmask_gemm_panels
         return many_rows(x, packed.masks, packed.values, packed.row_offsets, bias)
+    weight = blocked_weight(packed) if TUNING.tile_rows is None else None
+    if weight is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     n, k = packed.shape
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     rows = TUNING.rows_per_tile(n, k)

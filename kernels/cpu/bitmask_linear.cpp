@@ -987,6 +987,92 @@ void bitmask_decompress_into(const torch::Tensor& masks, const torch::Tensor& va
   });
 }
 
+// oneDNN's prepacked bf16 linear weight, in the blocked form torch.ops.mkldnn._reorder_linear_weight gives it on
+// AVX512-BF16 CPUs without AMX (kernels/cpu/__init__.py checks the form for each shape before using it): rows in
+// blocks of 64, the last padded with zeros; within a block, for each column pair p, the 64 rows' pairs
+// (W[n, 2p], W[n, 2p + 1]) side by side. So dword (b P + p) 64 + i holds row 64 b + i's pair p, for P pairs a
+// row (K padded with zeros). Prefill decompresses a sparse weight into this form in a scratch buffer and runs
+// oneDNN's own GEMM on it, which the plain row-major form of bitmask_decompress_into cannot reach (oneDNN then
+// reorders the weight inside every call).
+namespace at::native {  // exported by libtorch_cpu for AOTInductor
+TORCH_API void* data_ptr_from_mkldnn(const at::Tensor& mkldnn_tensor);
+TORCH_API at::Tensor mkldnn_tensor_from_data_ptr(void* data_ptr, at::IntArrayRef dims, at::ScalarType dtype,
+                                                 at::Device device, const uint8_t* opaque_metadata,
+                                                 int64_t opaque_metadata_size);
+}  // namespace at::native
+
+constexpr int64_t kBlockRows = 64;  // rows of one block of the prepacked form
+
+// The whole packed weight [N, K] into buffer (uint8, at least ceil(N / 64) 64 pairs 4 bytes, 64-byte aligned)
+// in the blocked form with `pairs` column pairs a row. Every byte of that span is written, padding included, so
+// the buffer may hold anything before. Sixteen rows' chunks at a time are expanded, transposed 16 x 16 in
+// dwords (one register per column pair, 16 rows) and stored as whole cache lines, non-temporal: the scratch is
+// larger than the caches, and streaming stores halved the decompression's time on 4096 x 4096 (20% -> 10% of
+// the GEMM at 256 rows, throwaway script).
+void bitmask_decompress_blocked(const torch::Tensor& masks, const torch::Tensor& values,
+                                const torch::Tensor& row_offsets, torch::Tensor& buffer, int64_t pairs) {
+  const int64_t n = masks.size(0), kc = masks.size(1);
+  check_packed(masks, values, row_offsets, std::max<int64_t>(1, kc * kChunk));
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  TORCH_CHECK(pairs >= kc * 16, "the blocked form needs at least ", kc * 16, " column pairs a row, got ", pairs);
+  TORCH_CHECK(buffer.scalar_type() == torch::kUInt8 && buffer.is_contiguous() &&
+                  buffer.numel() >= blocks * kBlockRows * pairs * 4,
+              "buffer must be contiguous uint8 of at least ", blocks * kBlockRows * pairs * 4, " bytes");
+  auto* dst = reinterpret_cast<int32_t*>(buffer.data_ptr<uint8_t>());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(dst) % 64 == 0, "buffer must be 64-byte aligned");
+  const auto* mp = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  const auto* vp = reinterpret_cast<const bf16*>(values.data_ptr<at::BFloat16>());
+  const auto* op = row_offsets.data_ptr<int64_t>();
+  at::parallel_for(0, blocks * (kBlockRows / 16), 1, [&](int64_t lo, int64_t hi) {
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t g = lo; g < hi; ++g) {
+      const int64_t r0 = 16 * g, rows = std::clamp<int64_t>(n - r0, 0, 16);
+      int32_t* base = dst + (r0 / kBlockRows) * pairs * kBlockRows + r0 % kBlockRows;  // pair 0 of row r0
+      const bf16* ptr[16];
+      const uint32_t* mrow[16];
+      for (int64_t r = 0; r < rows; ++r) {
+        ptr[r] = vp + op[r0 + r];
+        mrow[r] = mp + (r0 + r) * kc;
+      }
+      for (int64_t c = 0; c < (rows > 0 ? kc : 0); ++c) {
+        __m512i w[16];
+        for (int64_t r = 0; r < 16; ++r) {
+          if (r < rows) {
+            w[r] = expand_chunk(ptr[r], mrow[r][c]);
+            ptr[r] += _mm_popcnt_u32(mrow[r][c]);
+          } else {
+            w[r] = zero;
+          }
+        }
+        transpose16(w);  // w[j]: pair 16 c + j of the 16 rows
+        for (int j = 0; j < 16; ++j)
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(base + (16 * c + j) * kBlockRows), w[j]);
+      }
+      for (int64_t p = rows > 0 ? kc * 16 : 0; p < pairs; ++p)  // padding: columns past K, rows past N
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(base + p * kBlockRows), zero);
+    }
+    _mm_sfence();  // the streaming stores are visible before the GEMM reads them
+  });
+}
+
+// An oneDNN weight [n, k] bf16 over buffer's memory, laid out as the serialized descriptor `metadata` says
+// (torch.ops.mkldnn._get_mkldnn_serialized_md of a prepacked weight of that shape). It does not own the memory:
+// the caller keeps buffer alive while the view is used.
+torch::Tensor blocked_weight_view(const torch::Tensor& buffer, const torch::Tensor& metadata, int64_t n, int64_t k) {
+  TORCH_CHECK(buffer.is_contiguous() && metadata.scalar_type() == torch::kUInt8 && metadata.is_contiguous(),
+              "buffer must be contiguous and metadata contiguous uint8");
+  return at::native::mkldnn_tensor_from_data_ptr(buffer.data_ptr(), {n, k}, at::kBFloat16, at::Device(at::kCPU),
+                                                 metadata.data_ptr<uint8_t>(), metadata.numel());
+}
+
+// A copy of the first nbytes of an oneDNN tensor's memory, as uint8 (to check its layout).
+torch::Tensor mkldnn_bytes(const torch::Tensor& mkldnn_tensor, int64_t nbytes) {
+  const auto* src = static_cast<const uint8_t*>(at::native::data_ptr_from_mkldnn(mkldnn_tensor));
+  auto out = torch::empty({nbytes}, torch::TensorOptions().dtype(torch::kUInt8));
+  std::memcpy(out.data_ptr<uint8_t>(), src, static_cast<size_t>(nbytes));
+  return out;
+}
+
 // Screened argmax: the greedy token of an LM head without reading all of it (kernels/argmax_screen.py has the
 // whole argument). A greedy decode step needs only the index of the largest logit, and a vocabulary-sized head
 // is the largest weight a small model streams (SmolLM2: 49152 x 576, a fifth of a 70%-sparse decode step). The
@@ -1282,6 +1368,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x W^T + b for a few rows of x, W bf16 in the exponent-coded layout (bit for bit dense_gemm_decode)");
   m.def("bitmask_decompress_into", &bitmask_decompress_into, py::call_guard<py::gil_scoped_release>(),
         "dense bf16 rows of a packed bitmask weight");
+  m.def("bitmask_decompress_blocked", &bitmask_decompress_blocked, py::call_guard<py::gil_scoped_release>(),
+        "a packed bitmask weight written into a buffer in oneDNN's blocked form");
+  m.def("blocked_weight_view", &blocked_weight_view, "an oneDNN weight over a buffer's memory");
+  m.def("mkldnn_bytes", &mkldnn_bytes, "the first bytes of an oneDNN tensor's memory");
   m.def("screened_argmax", &screened_argmax,
         "the index of the largest bf16 logit of x W^T per row, W screened in int8 (-1 where undecided)",
         py::arg("x"), py::arg("q"), py::arg("qsum"), py::arg("stats"), py::arg("exact"), py::arg("vocab"),

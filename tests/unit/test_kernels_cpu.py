@@ -40,7 +40,7 @@ def assert_close_bf16(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.fixture()
 def tuning():
-    names = ("decode_max_rows", "tile_rows", "panels_max_rows", "pairs_max_rows", "decode_plan")
+    names = ("decode_max_rows", "tile_rows", "panels_max_rows", "pairs_max_rows", "decode_plan", "blocked_max_bytes")
     saved = {name: getattr(cpu.TUNING, name) for name in names}
     yield cpu.TUNING
     for name, value in saved.items():
@@ -121,6 +121,62 @@ def test_avx512_decode_and_tiled_paths(tuning, decode_max_rows, tile_rows, m):
     bias = torch.randn(101).bfloat16()
     bitmask = compress(w)
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's GEMM on its own prepacked copy of the dense weight ``w``: the dense prefill path."""
+    return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), bias, "none", [], "")
+
+
+def test_avx512_prefill_runs_onednns_gemm_on_the_blocked_form(tuning):
+    """Past the panels the weight is decompressed into oneDNN's own prepacked form, in one scratch buffer shared
+    by every shape, and multiplied by oneDNN: bit for bit its GEMM on the dense weight, for rows and columns that
+    need padding, after a larger weight left other values in the buffer and after the buffer grew."""
+    kernel = kernel_or_skip("cpu_avx512")
+    tuning.panels_max_rows = tuning.pairs_max_rows = 0
+    for n, k in [(101, 200), (256, 256), (37, 72), (640, 320), (130, 40)]:  # padding, a full form, growth
+        if cpu.blocked_form(n, k) is None:
+            pytest.skip(f"oneDNN prepacks a {n}x{k} weight in another form on this CPU")
+        w = sparse_weight(n, k, 0.0 if n == 256 else 0.7, seed=n)
+        bias = torch.randn(n).bfloat16() if n % 2 else None
+        x = torch.randn(129, k).bfloat16()
+        assert torch.equal(kernel.apply(x, kernel.pack(compress(w)), bias), onednn_linear(x, w, bias))
+
+
+def test_avx512_prefill_without_the_blocked_form_decompresses_row_major(tuning, monkeypatch):
+    """Where oneDNN's form is another (or the weight exceeds ``blocked_max_bytes``), prefill decompresses into a
+    row-major scratch buffer and still equals the reference."""
+    kernel = kernel_or_skip("cpu_avx512")
+    tuning.panels_max_rows = tuning.pairs_max_rows = 0
+    w = sparse_weight(101, 200, 0.7)
+    x = torch.randn(129, 200).bfloat16()
+    bitmask = compress(w)
+    packed = kernel.pack(bitmask)
+    monkeypatch.setattr(cpu.TUNING, "blocked_max_bytes", 0)
+    assert cpu.blocked_weight(packed) is None
+    assert_close_bf16(kernel.apply(x, packed, None), bitmask_linear_reference(x, bitmask, None))
+    monkeypatch.setattr(cpu.TUNING, "blocked_max_bytes", 2**30)
+    monkeypatch.setattr(cpu, "blocked_form", lambda n, k: None)
+    assert cpu.blocked_weight(packed) is None
+    assert_close_bf16(kernel.apply(x, packed, None), bitmask_linear_reference(x, bitmask, None))
+
+
+def test_blocked_form_matches_onednns_bytes():
+    """The form found for a shape is the one oneDNN lays out: the decompressed bytes of a weight equal the bytes
+    of oneDNN's own prepacked copy of it."""
+    kernel_or_skip("cpu_avx512")
+    n, k = 70, 90
+    form = cpu.blocked_form(n, k)
+    if form is None:
+        pytest.skip("oneDNN prepacks this weight in another form on this CPU")
+    w = sparse_weight(n, k, 0.5)
+    packed = cpu.pack_avx512(compress(w))
+    buffer = torch.full((form.nbytes,), 0x7F, dtype=torch.uint8)  # anything: every byte is written
+    cpu.extension().bitmask_decompress_blocked(packed.masks, packed.values, packed.row_offsets, buffer, form.pairs)
+    expected = cpu.extension().mkldnn_bytes(torch.ops.mkldnn._reorder_linear_weight(w), form.nbytes)
+    assert torch.equal(buffer, expected)
+    with pytest.raises(RuntimeError, match="column pairs"):
+        cpu.extension().bitmask_decompress_blocked(packed.masks, packed.values, packed.row_offsets, buffer, 16)
 
 
 @pytest.mark.parametrize("loop", sorted(cpu.LOOPS))
@@ -249,23 +305,26 @@ def test_pair_density_counts_column_pairs_with_a_nonzero():
 
 def test_apply_takes_panels_or_the_pair_gather_for_a_few_dozen_rows(monkeypatch):
     """17 to ``panels_max_rows`` rows take the panel GEMM, up to ``pairs_max_rows`` the pair gather for a
-    90% sparse weight; more rows decompress; 16 decode."""
+    90% sparse weight; more rows decompress (into oneDNN's blocked form where it is that); 16 decode."""
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
     sparse, denser = (cpu.pack_avx512(compress(sparse_weight(48, 256, s))) for s in (0.9, 0.7))
     assert sparse.pair_density <= cpu.TUNING.pairs_max_density < denser.pair_density
     cpu.decode_plan()  # measured (on its own decode calls) before the calls are recorded
+    decompress = "bitmask_decompress_blocked" if cpu.blocked_form(48, 256) else "bitmask_decompress_into"
     ext, calls = cpu.extension(), []
+    recorded = ("bitmask_gemm_decode", "bitmask_gemm_pairs", "bitmask_gemm_panels", "bitmask_decompress_into",
+                "bitmask_decompress_blocked")
     monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {
         name: staticmethod(lambda *a, _f=getattr(ext, name), _n=name: calls.append(_n) or _f(*a))
-        for name in ("bitmask_gemm_decode", "bitmask_gemm_pairs", "bitmask_gemm_panels", "bitmask_decompress_into")}))
+        for name in recorded} | {"blocked_weight_view": staticmethod(ext.blocked_weight_view)}))
     panels, pairs = cpu.TUNING.panels_max_rows, cpu.TUNING.pairs_max_rows
     assert cpu.TUNING.decode_rows(256) < panels < pairs
     for m, packed in ((17, denser), (panels, denser), (17, sparse), (pairs, sparse), (panels + 1, denser),
                       (pairs + 1, sparse), (16, denser)):
         cpu.apply_avx512(torch.randn(m, 256).bfloat16(), packed)
     assert calls == ["bitmask_gemm_panels", "bitmask_gemm_panels", "bitmask_gemm_pairs", "bitmask_gemm_pairs",
-                     "bitmask_decompress_into", "bitmask_decompress_into", "bitmask_gemm_decode"]
+                     decompress, decompress, "bitmask_gemm_decode"]
     # a weight wider than wide_cols: the decode kernel up to wide_decode_max_rows, the panels from one more
     wide = cpu.pack_avx512(compress(sparse_weight(8, cpu.TUNING.wide_cols + 32, 0.7)))
     limit = cpu.TUNING.wide_decode_max_rows
