@@ -435,8 +435,9 @@ def blocked_form(n: int, k: int) -> BlockedForm | None:
 
 
 def blocked_weight(packed: PackedBitmask) -> Tensor | None:
-    """``packed`` decompressed into one scratch buffer shared by every weight, as an oneDNN weight (valid until
-    the next call); None where the shape's form is not the blocked one or exceeds ``blocked_max_bytes``."""
+    """``packed`` decompressed into one scratch buffer shared by every weight (layers run one at a time, as for
+    the row-major buffer), as an oneDNN weight valid until the next call; None where the shape's form is not
+    the blocked one or exceeds ``blocked_max_bytes``."""
     global _BLOCKED
     n, k = packed.shape
     form = blocked_form(n, k) if 2 * n * k <= TUNING.blocked_max_bytes else None
