@@ -2,8 +2,9 @@
 
 For every weight shape [N, K], sparsity and batch M there are two dense baselines: oneDNN's linear
 with a prepacked bf16 weight (``torch.ops.mkldnn._linear_pointwise``, the fastest dense path torch
-has), and the engine's dense path (``kernels.cpu.dense_linear``: the AVX-512 dense GEMV at one row,
-oneDNN above), which is what a dense model is served with. The candidate is the kernel the registry
+has), and the engine's dense path (``kernels.cpu.dense_linear``: the AVX-512 dense GEMV at one or two rows,
+then the blocked GEMM on oneDNN's prepacked weight up to 64 rows, oneDNN above), which is what a dense model
+is served with. The candidate is the kernel the registry
 selects for CPU bf16 (``--kernel`` forces one). Calls alternate oneDNN, engine dense, sparse ... for
 ``--rounds`` rounds; each round times ``--calls`` calls of each. ``speedup`` is the median of the
 per-round ratios oneDNN time / sparse time (with the 25-75% spread), ``vs best`` the same against the
@@ -98,7 +99,7 @@ def measure(shape: str, sparsity: float, batches: list[int], threads: int, args)
     sparse_bytes = getattr(packed, "nbytes", bitmask.nbytes)
     dense_bytes = n * k * 2
     onednn_w = [prepack_dense(weight.clone(), decode_rows=False) for _ in range(copies_for(dense_bytes, args.cache_bust_mib))]
-    engine_w = [PrepackedDense(w.weight, w.prepacked, w.shape, rows=weight.clone()) for w in onednn_w]
+    engine_w = [PrepackedDense(w.weight, w.prepacked, w.shape, rows=weight.clone(), pairs=w.pairs) for w in onednn_w]
     sparse_w = [packed] + [clone_packed(packed) for _ in range(copies_for(sparse_bytes, args.cache_bust_mib) - 1)]
     if args.huge_pages:  # held until the point is measured: the arena keeps the mapping alive
         arena = place_in_huge_pages([t for w in sparse_w for t in packed_tensors(w)] + [w.rows for w in engine_w])
@@ -108,14 +109,16 @@ def measure(shape: str, sparsity: float, batches: list[int], threads: int, args)
     torch.set_num_threads(threads)
     for m in batches:
         x = torch.randn(m, k).bfloat16()
+        onednn_fn = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w.weight, None, "none", [], "")  # noqa: E731
         dense_fn = lambda x, w: dense_linear(x, w)  # noqa: E731
         sparse_fn = lambda x, w: kernel.apply(x, w, None)  # noqa: E731
-        for fn, ws in ((dense_fn, onednn_w), (dense_fn, engine_w), (sparse_fn, sparse_w)):  # warm up, fault in
+        for fn, ws in ((onednn_fn, onednn_w), (dense_fn, engine_w), (sparse_fn, sparse_w)):  # warm up, fault in
             time_calls(fn, ws, x, len(ws))
-        calls = max(3, min(args.calls, int(args.budget_s / args.rounds / 3 / max(_probe(dense_fn, onednn_w, x), 1e-6))))
+        probe = max(_probe(onednn_fn, onednn_w, x), 1e-6)
+        calls = max(3, min(args.calls, int(args.budget_s / args.rounds / 3 / probe)))
         ratios, best_ratios, dense_t, best_t, sparse_t = [], [], [], [], []
         for _ in range(args.rounds):
-            d = time_calls(dense_fn, onednn_w, x, calls)
+            d = time_calls(onednn_fn, onednn_w, x, calls)
             e = time_calls(dense_fn, engine_w, x, calls)
             s = time_calls(sparse_fn, sparse_w, x, calls)
             ratios.append(d / s)

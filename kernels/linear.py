@@ -83,7 +83,8 @@ def sparsify_linears(model: nn.Module, sparse_weights: dict[str, BitmaskTensor],
 
 class PrepackedLinear(nn.Module):
     """A dense linear whose weight is prepacked once for oneDNN, and (``decode_rows``) kept row-major for
-    the AVX-512 decode GEMV, which decode steps of a few rows use (see :func:`kernels.cpu.dense_linear`).
+    the AVX-512 decode GEMV, which decode steps of a few rows use; a few dozen rows take the blocked GEMM on
+    the prepacked weight itself (see :func:`kernels.cpu.dense_linear`).
 
     ``F.linear`` re-lays-out the weight and adds ~40 us per call; SmolLM2 runs 210 linears per token.
     """

@@ -28,9 +28,10 @@ Contract:
   AVX-512 is no slower than dense (nor smaller).
 * :func:`dense_linear` is also the dense path of the serving engine: the extension's AVX-512 dense
   GEMV (``dense_gemm_decode``, a plain-load twin of the decode kernel) for up to
-  a few rows when the weight was kept row-major (``prepack_dense(decode_rows=True)``),
-  oneDNN's prepacked linear otherwise (``CpuTuning.dense_decode_rows``: how many rows depends on the weight's
-  shape). A weight whose high bytes take at most 16 values is kept exponent-coded for it
+  a few rows when the weight was kept row-major (``prepack_dense(decode_rows=True)``;
+  ``CpuTuning.dense_decode_rows``: how many rows depends on the weight's shape), then up to
+  ``blocked_gemm_max_rows`` the extension's blocked GEMM (``dense_gemm_blocked``), which reads oneDNN's
+  prepacked weight in place where it is in the blocked form (no copy), and oneDNN's prepacked linear above. A weight whose high bytes take at most 16 values is kept exponent-coded for it
   instead (``coded_gemm_decode``, :mod:`kernels.exponent_coding`): lossless, 0.75x the bytes, the same sums.
 """
 
@@ -257,7 +258,16 @@ class CpuTuning:
     at seven, 0.99x at eight. So the GEMV takes up to ``dense_decode_max_rows`` = 2 rows, one on weights more
     than ``wide_cols`` columns wide, and up to ``tall_dense_decode_max_rows`` = 6 on weights of at least
     ``tall_rows`` output rows (a vocabulary: oneDNN splits so tall a weight poorly at a few rows) that are
-    not wide (:meth:`dense_decode_rows`)."""
+    not wide (:meth:`dense_decode_rows`).
+
+    Past the GEMV's rows a dense weight takes the blocked GEMM (``dense_gemm_blocked``) on oneDNN's own
+    prepacked weight, read in place, up to ``blocked_gemm_max_rows``: oneDNN's GEMM is slow at few rows (60-200
+    of the two cores' ~400 GFLOPS at 4-16 rows on SmolLM2's linears). Against it, weights from memory, two
+    threads (throwaway script, random weights): 1.12-1.85x at 3-64 rows on SmolLM2's decoder shapes, 1.0-1.35x
+    on the 4096-wide shapes, 0.96-1.01x at 96 rows, so 64. At one row it ran 0.86-1.6x the GEMV's speed with
+    both in 4 KiB pages, but in an engine (the GEMV's weights in huge pages, oneDNN's not) a dense decode step
+    with the blocked GEMM at one row ran 0.82x as fast (9.38 against 7.61 ms, same process); at two rows they
+    tied, so the GEMV keeps its rows."""
 
     decode_max_rows: int = 16
     wide_cols: int = 2048
@@ -274,6 +284,7 @@ class CpuTuning:
     tile_bytes: int = 64 * 2**20
     tile_rows: int | None = None
     blocked_max_bytes: int = 256 * 2**20
+    blocked_gemm_max_rows: int = 64
 
     def decode_rows(self, k: int) -> int:
         """The most activation rows the decode kernel takes for a weight ``k`` columns wide."""
@@ -540,13 +551,15 @@ register(Kernel(
 class PrepackedDense:
     """A dense weight prepacked for oneDNN (or plain, where oneDNN cannot take the dtype), and for the AVX-512
     decode GEMV where that runs: the weight exponent-coded where that is exact (``coded``), else row-major
-    bf16 (``rows``)."""
+    bf16 (``rows``). A bf16 weight oneDNN prepacked in the blocked form (``pairs``) is also read in place by
+    ``dense_gemm_blocked`` for a few dozen rows."""
 
     weight: Tensor  # [N, K], opaque when prepacked
     prepacked: bool
     shape: tuple[int, int]
     rows: Tensor | None = None  # [N, K] bf16 contiguous: decode steps read it with dense_gemm_decode
     coded: CodedWeight | None = None  # decode steps read it with coded_gemm_decode (then rows is None)
+    pairs: int | None = None  # weight is in the blocked form with this many column pairs a row: dense_gemm_blocked
 
 
 def prepack_dense(weight: Tensor, decode_rows: bool = True) -> PrepackedDense:
@@ -560,7 +573,9 @@ def prepack_dense(weight: Tensor, decode_rows: bool = True) -> PrepackedDense:
     coded = code_exponents(weight) if gemv and TUNING.code_exponents else None
     rows = weight.contiguous() if gemv and coded is None else None
     if torch.backends.mkldnn.is_available() and weight.dtype in (torch.bfloat16, torch.float32):
-        return PrepackedDense(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), True, shape, rows, coded)
+        form = blocked_form(*shape) if weight.dtype == torch.bfloat16 and avx512_available() else None
+        return PrepackedDense(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), True, shape, rows, coded,
+                              None if form is None else form.pairs)
     return PrepackedDense(weight, False, shape, rows, coded)
 
 
@@ -577,42 +592,57 @@ def _gemv(packed: PrepackedDense) -> Callable[[Tensor, Tensor | None], Tensor] |
 
 
 def dense_linear(x: Tensor, packed: PrepackedDense, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] -> y [M, N] through the fastest dense path: the decode GEMV for few rows, else oneDNN."""
+    """x [M, K] -> y [M, N] through the fastest dense path: the decode GEMV for few rows, the blocked GEMM on
+    oneDNN's prepacked weight for a few dozen, else oneDNN."""
     if x.shape[0] <= TUNING.dense_decode_rows(*packed.shape) and x.dtype == torch.bfloat16:
         gemv = _gemv(packed)
         if gemv is not None:
             return gemv(x.contiguous(), bias)
+    if packed.pairs is not None and x.shape[0] <= TUNING.blocked_gemm_max_rows and x.dtype == torch.bfloat16:
+        return extension().dense_gemm_blocked(x, packed.weight, packed.pairs, bias)
     if packed.prepacked:
         return torch.ops.mkldnn._linear_pointwise(x, packed.weight, bias, "none", [], "")
     return F.linear(x, packed.weight, bias)
 
 
 def bind_dense(packed: PrepackedDense, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
-    """:func:`dense_linear` for one weight with its lookups done once (the GEMV's bias already float32)."""
+    """:func:`dense_linear` for one weight with its lookups done once (the AVX-512 kernels' bias already
+    float32)."""
     gemv = _gemv(packed)
-    if gemv is None:
+    if gemv is None and packed.pairs is None:
         return lambda x: dense_linear(x, packed, bias)
     bias32 = _float_bias(bias)
-    gemv_rows = TUNING.dense_decode_rows(*packed.shape)
+    gemv_rows = TUNING.dense_decode_rows(*packed.shape) if gemv is not None else 0
+    blocked = extension().dense_gemm_blocked if packed.pairs is not None else None
 
     def forward(x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
-        if x.shape[0] <= gemv_rows and x.dtype == torch.bfloat16 and x.is_contiguous():
-            return gemv(x, bias32)
+        if x.dtype == torch.bfloat16 and x.dim() == 2:
+            if x.shape[0] <= gemv_rows and x.is_contiguous():
+                return gemv(x, bias32)
+            if blocked is not None and x.shape[0] <= TUNING.blocked_gemm_max_rows:
+                return blocked(x, packed.weight, packed.pairs, bias32)
         return dense_linear(x, packed, bias)
     return forward
 
 
 def native_dense(packed: PrepackedDense, bias: Tensor | None) -> object | None:
-    """:func:`bind_dense`'s GEMV path as a linear of the compiled decoder (up to
-    ``TUNING.dense_decode_rows`` rows), where the weight was kept for it (coded or row-major)."""
+    """:func:`bind_dense`'s AVX-512 paths as a linear of the compiled decoder: the GEMV up to
+    ``TUNING.dense_decode_rows`` rows where the weight was kept for it (coded or row-major), then the blocked
+    GEMM up to ``TUNING.blocked_gemm_max_rows`` where oneDNN prepacked it in the blocked form."""
     ext = decoder_extension()
     if isinstance(ext, str):
         return None
-    bias32, max_rows = _float_bias(bias), TUNING.dense_decode_rows(*packed.shape)
+    bias32, gemv_rows = _float_bias(bias), TUNING.dense_decode_rows(*packed.shape)
     if packed.coded is not None:
         coded = packed.coded
-        return ext.Linear.coded(coded.low, coded.codes, coded.table, bias32, max_rows)
-    return None if packed.rows is None else ext.Linear.dense(packed.rows, bias32, max_rows)
+        linear = ext.Linear.coded(coded.low, coded.codes, coded.table, bias32, gemv_rows)
+    else:
+        linear = None if packed.rows is None else ext.Linear.dense(packed.rows, bias32, gemv_rows)
+    if packed.pairs is None:
+        return linear
+    if linear is None:
+        return ext.Linear.blocked(packed.weight, packed.pairs, bias32, TUNING.blocked_gemm_max_rows)
+    return linear.with_blocked(packed.weight, packed.pairs, TUNING.blocked_gemm_max_rows)
 
 
 register(Kernel(

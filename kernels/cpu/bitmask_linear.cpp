@@ -1073,6 +1073,87 @@ torch::Tensor mkldnn_bytes(const torch::Tensor& mkldnn_tensor, int64_t nbytes) {
   return out;
 }
 
+// Dense GEMM for a few dozen activation rows on oneDNN's own prepacked weight (the blocked form above), read in
+// place. oneDNN's GEMM is slow at few rows (at 4-16 rows on SmolLM2's linears it reaches 60-200 GFLOPS of the
+// two cores' ~400, and reads its weight at 8-15 GB/s). Here a 64-row block is one tile: per column pair the
+// block's four registers of weight pairs (16 rows each) are loaded once and multiplied by each activation row's
+// pair, broadcast, into 4 x MB float32 accumulators (MB <= 6 activation rows: 24 accumulators, 4 weights and a
+// broadcast fill the 32 registers). More rows take several row groups over the block, which stays in L2 after
+// the first. Blocks are split between the threads. The sums are the same products as oneDNN's in another
+// order, so equal to its output within bf16 rounding, not bit for bit.
+namespace {
+
+constexpr int kBlockedMaxGroup = 6;  // activation rows per pass over a block
+
+template <int MB>
+void blocked_tile(const int32_t* w, int64_t pairs, const int32_t* x, int64_t x_pairs, const float* bias,
+                  at::BFloat16* y, int64_t n_out, int64_t live) {
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int32_t* wp = w + p * kBlockRows;
+    __m512i wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm512_load_si512(static_cast<const void*>(wp + 16 * j));
+#pragma GCC unroll 6
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xb = _mm512_set1_epi32(x[m * x_pairs + p]);  // activation row m's pair p, 16 times
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)wv[j], (__m512bh)xb);
+    }
+  }
+  for (int j = 0; j < 4 && 16 * j < live; ++j) {
+    const __mmask16 cols = lanes16(live - 16 * j);
+    const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(cols, bias + 16 * j) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m)
+      _mm256_mask_storeu_epi16(static_cast<void*>(y + m * n_out + 16 * j), cols,
+                               round_bf16(_mm512_add_ps(acc[m][j], b)));
+  }
+}
+
+using BlockedTile = void (*)(const int32_t*, int64_t, const int32_t*, int64_t, const float*, at::BFloat16*, int64_t,
+                             int64_t);
+constexpr BlockedTile kBlockedTiles[kBlockedMaxGroup] = {blocked_tile<1>, blocked_tile<2>, blocked_tile<3>,
+                                                          blocked_tile<4>, blocked_tile<5>, blocked_tile<6>};
+
+}  // namespace
+
+// x [M, K] bf16, weight: an oneDNN prepacked bf16 linear weight [N, K] in the blocked form with `pairs` column
+// pairs a row (kernels/cpu/__init__.py blocked_form checks the form per shape), bias [N] or None -> y [M, N] bf16.
+torch::Tensor dense_gemm_blocked(const torch::Tensor& x, const torch::Tensor& weight, int64_t pairs,
+                                 const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be bfloat16 [M, K]");
+  TORCH_CHECK(weight.is_mkldnn() && weight.dim() == 2 && weight.size(1) == x.size(1),
+              "weight must be an oneDNN prepacked [N, K] weight with x's K");
+  const int64_t m_rows = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(2 * pairs >= k, "the blocked form has ", pairs, " column pairs a row, too few for K = ", k);
+  // activations as dwords (column pairs), padded with zeros to the form's pairs (its padding columns are zero)
+  torch::Tensor xpad = x;
+  if (k != 2 * pairs || !x.is_contiguous()) {
+    xpad = at::zeros({m_rows, 2 * pairs}, x.options());
+    xpad.narrow(1, 0, k).copy_(x);
+  }
+  torch::Tensor bias_f32 = bias_as_float(bias, n);
+  const float* bias_p = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  auto y = empty_cpu({m_rows, n}, x.options());
+  const auto* wp = static_cast<const int32_t*>(at::native::data_ptr_from_mkldnn(weight));
+  const auto* xp = reinterpret_cast<const int32_t*>(xpad.data_ptr<at::BFloat16>());
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t groups = (m_rows + kBlockedMaxGroup - 1) / kBlockedMaxGroup;
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t n0 = b * kBlockRows, live = std::min(kBlockRows, n - n0);
+      for (int64_t g = 0, m0 = 0; g < groups; ++g) {  // row groups as even as they can be
+        const int64_t mb = (m_rows - m0 + groups - g - 1) / (groups - g);
+        kBlockedTiles[mb - 1](wp + n0 * pairs, pairs, xp + m0 * pairs, pairs, bias_p == nullptr ? nullptr : bias_p + n0,
+                              yp + m0 * n + n0, n, live);
+        m0 += mb;
+      }
+    }
+  });
+  return y;
+}
+
 // Screened argmax: the greedy token of an LM head without reading all of it (kernels/argmax_screen.py has the
 // whole argument). A greedy decode step needs only the index of the largest logit, and a vocabulary-sized head
 // is the largest weight a small model streams (SmolLM2: 49152 x 576, a fifth of a 70%-sparse decode step). The
@@ -1372,6 +1453,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a packed bitmask weight written into a buffer in oneDNN's blocked form");
   m.def("blocked_weight_view", &blocked_weight_view, "an oneDNN weight over a buffer's memory");
   m.def("mkldnn_bytes", &mkldnn_bytes, "the first bytes of an oneDNN tensor's memory");
+  m.def("dense_gemm_blocked", &dense_gemm_blocked,
+        "y = x W^T + b for a few dozen rows of x, W oneDNN's prepacked bf16 weight in the blocked form",
+        py::arg("x"), py::arg("weight"), py::arg("pairs"), py::arg("bias"));
   m.def("screened_argmax", &screened_argmax,
         "the index of the largest bf16 logit of x W^T per row, W screened in int8 (-1 where undecided)",
         py::arg("x"), py::arg("q"), py::arg("qsum"), py::arg("stats"), py::arg("exact"), py::arg("vocab"),

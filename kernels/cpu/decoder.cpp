@@ -10,9 +10,11 @@
 // (sparse_serve/models/llama.py) uses, so the results are bit for bit the same.
 //
 //   Linear.sparse(masks, values, row_offsets, bias_f32, loops, max_rows) / Linear.dense(w, bias_f32, max_rows) /
-//   Linear.coded(low, codes, table, bias_f32, max_rows)
-//       a bound linear: the decode kernel with its loops, or the dense GEMV on a row-major or exponent-coded
-//       weight (kernels/exponent_coding.py); bias float32 or None
+//   Linear.coded(low, codes, table, bias_f32, max_rows) / Linear.blocked(prepacked, pairs, bias_f32, max_rows)
+//       a bound linear: the decode kernel with its loops, the dense GEMV on a row-major or exponent-coded
+//       weight (kernels/exponent_coding.py), or the blocked GEMM on oneDNN's prepacked weight; bias float32 or
+//       None. linear.with_blocked(prepacked, pairs, max_rows): a GEMV that hands rows past its own to the
+//       blocked GEMM
 //   Layer(input_norm, input_eps, post_norm, post_eps, qkv, o, gate_up, down, q_heads, kv_heads, head_dim, scale)
 //   Decoder(layers, final_norm, final_eps).run(h [T, D], cos, sin [T, d], slots [T], tables [T, nb], lens [T],
 //                                              caches [k0, v0, k1, v1, ...]) -> final_norm(h) [T, D]
@@ -32,6 +34,8 @@ torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& m
 torch::Tensor dense_gemm_decode(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
 torch::Tensor coded_gemm_decode(const torch::Tensor& x, const torch::Tensor& low, const torch::Tensor& codes,
                                 const torch::Tensor& table, const c10::optional<torch::Tensor>& bias);
+torch::Tensor dense_gemm_blocked(const torch::Tensor& x, const torch::Tensor& weight, int64_t pairs,
+                                 const c10::optional<torch::Tensor>& bias);
 // fused_ops.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor add_rms_norm_(torch::Tensor& h, const torch::Tensor& delta, const torch::Tensor& w, double eps);
@@ -45,12 +49,16 @@ namespace sparse_serve_decoder {
 
 // One linear as kernels/cpu/__init__.py binds it for decode-sized batches (bind_avx512, bind_dense).
 struct Linear {
-  enum class Kind { kSparse, kDense, kCoded };
+  enum class Kind { kSparse, kDense, kCoded, kBlocked };
   Kind kind = Kind::kDense;
-  std::vector<torch::Tensor> weight;  // sparse: masks, values, row_offsets; dense: w [N, K]; coded: low, codes, table
+  std::vector<torch::Tensor> weight;  // sparse: masks, values, row_offsets; dense: w [N, K]; coded: low, codes, table;
+                                      // blocked: oneDNN's prepacked weight
   c10::optional<torch::Tensor> bias;  // float32 [N]
   std::vector<int64_t> loops;         // sparse: the decode loop per pass size
   int64_t max_rows = 0;               // the most activation rows this kernel takes
+  int64_t pairs = 0;                  // blocked: column pairs a row of the prepacked weight
+  c10::optional<torch::Tensor> blocked;  // dense or coded: the prepacked weight that takes rows past max_rows
+  int64_t blocked_rows = 0;              // ... up to this many
 
   static Linear make_sparse(torch::Tensor masks, torch::Tensor values, torch::Tensor row_offsets,
                             c10::optional<torch::Tensor> bias, std::vector<int64_t> loops, int64_t max_rows) {
@@ -64,10 +72,25 @@ struct Linear {
                            c10::optional<torch::Tensor> bias, int64_t max_rows) {
     return {Kind::kCoded, {std::move(low), std::move(codes), std::move(table)}, std::move(bias), {}, max_rows};
   }
+  static Linear make_blocked(torch::Tensor prepacked, int64_t pairs, c10::optional<torch::Tensor> bias,
+                             int64_t max_rows) {
+    return {Kind::kBlocked, {std::move(prepacked)}, std::move(bias), {}, max_rows, pairs};
+  }
+  Linear with_blocked(torch::Tensor prepacked, int64_t blocked_pairs, int64_t rows) const {
+    TORCH_CHECK(kind == Kind::kDense || kind == Kind::kCoded, "only a dense GEMV hands its larger batches on");
+    Linear out = *this;
+    out.blocked = std::move(prepacked);
+    out.pairs = blocked_pairs;
+    out.blocked_rows = rows;
+    return out;
+  }
+  int64_t rows() const { return blocked ? std::max(max_rows, blocked_rows) : max_rows; }
   torch::Tensor operator()(const torch::Tensor& x) const {  // x [T, K] -> [T, N]
+    if (blocked && x.size(0) > max_rows) return dense_gemm_blocked(x, *blocked, pairs, bias);
     switch (kind) {
       case Kind::kSparse: return bitmask_gemm_decode(x, weight[0], weight[1], weight[2], bias, loops);
       case Kind::kCoded: return coded_gemm_decode(x, weight[0], weight[1], weight[2], bias);
+      case Kind::kBlocked: return dense_gemm_blocked(x, weight[0], pairs, bias);
       default: return dense_gemm_decode(x, weight[0], bias);
     }
   }
@@ -90,7 +113,7 @@ class Decoder {
     TORCH_CHECK(!layers_.empty(), "a decoder needs at least one layer");
     max_rows_ = INT64_MAX;
     for (const Layer& l : layers_)
-      for (const Linear* lin : {&l.qkv, &l.o, &l.gate_up, &l.down}) max_rows_ = std::min(max_rows_, lin->max_rows);
+      for (const Linear* lin : {&l.qkv, &l.o, &l.gate_up, &l.down}) max_rows_ = std::min(max_rows_, lin->rows());
   }
 
   int64_t max_rows() const { return max_rows_; }
@@ -136,7 +159,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_static("sparse", &d::Linear::make_sparse, "the sparse decode kernel on a packed bitmask weight")
       .def_static("dense", &d::Linear::make_dense, "the dense decode GEMV on a row-major bf16 weight")
       .def_static("coded", &d::Linear::make_coded, "the dense decode GEMV on an exponent-coded bf16 weight")
-      .def_readonly("max_rows", &d::Linear::max_rows)
+      .def_static("blocked", &d::Linear::make_blocked, "the blocked GEMM on oneDNN's prepacked bf16 weight")
+      .def("with_blocked", &d::Linear::with_blocked, "this GEMV, handing rows past its own to the blocked GEMM")
+      .def_property_readonly("max_rows", &d::Linear::rows)
       .def("__call__", &d::Linear::operator(), "y = x W^T + b for decode-sized x [T, K]");
   py::class_<d::Layer>(m, "Layer", py::module_local())
       .def(py::init<torch::Tensor, double, torch::Tensor, double, d::Linear, d::Linear, d::Linear, d::Linear, int64_t,

@@ -51,7 +51,8 @@ def checkpoint(kind: str, tiny_model_dir, pruned_dirs):
     return tiny_model_dir if kind == "dense" else pruned_dirs / kind
 
 
-@pytest.mark.parametrize("kind, sequences", [("dense", 1), ("sparse", 1), ("sparse", 5), ("pruned", 1)])
+@pytest.mark.parametrize("kind, sequences", [("dense", 1), ("dense", 5), ("sparse", 1), ("sparse", 5),
+                                             ("pruned", 1), ("pruned", 5)])
 def test_decode_steps_equal_the_python_loop(tiny_model_dir, pruned_dirs, monkeypatch, kind, sequences):
     path = checkpoint(kind, tiny_model_dir, pruned_dirs)
     compiled, python = engine(path, monkeypatch, "compiled"), engine(path, monkeypatch, "python")
@@ -64,28 +65,31 @@ def test_decode_steps_equal_the_python_loop(tiny_model_dir, pruned_dirs, monkeyp
 
 
 def test_rows_beyond_the_linears_take_the_python_loop(tiny_model_dir, monkeypatch):
-    """The dense GEMV takes up to ``TUNING.dense_decode_rows`` rows (two on the tiny model's narrow weights),
-    so a dense model's decoder runs steps of up to two sequences; three decoding together go through the
-    Python loop. Both match the Python loop."""
+    """The dense GEMV takes up to ``TUNING.dense_decode_rows`` rows (two on the tiny model's narrow weights)
+    and the blocked GEMM on oneDNN's prepacked weight up to ``blocked_gemm_max_rows`` (three here), so a dense
+    model's decoder runs steps of up to three sequences, the third row through the blocked GEMM; four
+    decoding together go through the Python loop. Both match the Python loop."""
+    monkeypatch.setattr(cpu.TUNING, "blocked_gemm_max_rows", 3)
     compiled, python = engine(tiny_model_dir, monkeypatch, "compiled"), engine(tiny_model_dir, monkeypatch, "python")
-    assert compiled.runner.net.compiled.max_rows == cpu.TUNING.dense_decode_max_rows == 2
+    assert cpu.TUNING.dense_decode_max_rows == 2 and compiled.runner.net.compiled.max_rows == 3
     counter = compiled.runner.net.compiled = Counting(compiled.runner.net.compiled)
-    two = [list(range(5, 20)), list(range(9, 30))]
-    got, want = step_logits(compiled, two, 6), step_logits(python, two, 6)
-    assert counter.runs == 5  # every decode step of the two sequences (the prefill step gives the first token)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    three = two + [list(range(40, 52))]
+    three = [list(range(5, 20)), list(range(9, 30)), list(range(40, 52))]
     got, want = step_logits(compiled, three, 6), step_logits(python, three, 6)
-    assert counter.runs == 5  # none more: three rows are beyond the GEMV's two
+    assert counter.runs == 5  # every decode step of the three sequences (the prefill step gives the first token)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    four = three + [list(range(60, 71))]
+    got, want = step_logits(compiled, four, 6), step_logits(python, four, 6)
+    assert counter.runs == 5  # none more: four rows are beyond the blocked GEMM's three
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_run_names_the_rows_it_takes(tiny_model_dir, monkeypatch):
     decoder = engine(tiny_model_dir, monkeypatch, "compiled").runner.net.compiled
-    h = torch.zeros(3, 96, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="takes 1 to 2 rows, got 3"):
-        decoder.run(h, h, h, torch.zeros(3, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long),
-                    torch.ones(3, dtype=torch.long), [])
+    rows = decoder.max_rows + 1
+    h = torch.zeros(rows, 96, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=f"takes 1 to {rows - 1} rows, got {rows}"):
+        decoder.run(h, h, h, torch.zeros(rows, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long),
+                    torch.ones(rows, dtype=torch.long), [])
 
 
 def test_off_where_a_part_has_no_compiled_form(tiny_model_dir, monkeypatch):

@@ -89,15 +89,18 @@ def test_dense_path_takes_the_coded_gemv_where_it_can(monkeypatch):
     monkeypatch.setattr(cpu.TUNING, "code_exponents", False)
     plain = cpu.prepack_dense(w)
     assert plain.coded is None and plain.rows is not None
-    for m in (1, 2, 3):  # the GEMV up to two rows, oneDNN above
+    for m in (1, 2, 3):  # the GEMV up to two rows, the blocked GEMM (or oneDNN) above
         x = torch.randn(m, 96).bfloat16()
         want = cpu.dense_linear(x, plain, bias)
         assert torch.equal(bits(cpu.dense_linear(x, packed, bias)), bits(want))
         assert torch.equal(bits(cpu.bind_dense(packed, bias)(x)), bits(want))
-    x = torch.randn(1, 96).bfloat16()
     native = cpu.native_dense(packed, bias)
-    assert native is not None and native.max_rows == cpu.TUNING.dense_decode_rows(*packed.shape)
-    assert torch.equal(bits(native(x)), bits(cpu.dense_linear(x, plain, bias)))
+    gemv_rows = cpu.TUNING.dense_decode_rows(*packed.shape)
+    assert native is not None
+    assert native.max_rows == (cpu.TUNING.blocked_gemm_max_rows if packed.pairs is not None else gemv_rows)
+    for m in (1, gemv_rows, gemv_rows + 1):  # the coded GEMV, then the blocked GEMM on the prepacked weight
+        x = torch.randn(m, 96).bfloat16()
+        assert torch.equal(bits(native(x)), bits(cpu.dense_linear(x, plain, bias)))
 
 
 @pytest.fixture(scope="module")

@@ -90,14 +90,16 @@ def test_linear_modules_bind_their_forward():
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_compiled_decoder_linears_are_the_bound_forward(with_bias):
     """``native()``: the linear the compiled decoder calls (kernels/cpu/decoder.cpp) computes what the bound
-    forward does, for every row count it declares (the sparse decode loops, the dense GEMV)."""
+    forward does, for every row count it declares (the sparse decode loops, the dense GEMV, then the blocked
+    GEMM)."""
     from kernels.linear import PrepackedLinear
 
     kernel_or_skip("cpu_avx512")
     linear = torch.nn.Linear(72, 48, bias=with_bias).bfloat16()
     dense = PrepackedLinear(linear)
     sparse = SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), linear.bias)
-    for module, rows in ((dense, cpu.TUNING.dense_decode_rows(48, 72)), (sparse, cpu.TUNING.decode_rows(72))):
+    dense_rows = cpu.TUNING.blocked_gemm_max_rows if dense.packed.pairs else cpu.TUNING.dense_decode_rows(48, 72)
+    for module, rows in ((dense, dense_rows), (sparse, cpu.TUNING.decode_rows(72))):
         native = module.native()
         assert native.max_rows == rows
         for m in range(1, rows + 1):
@@ -349,21 +351,63 @@ def test_dense_gemv_equals_a_float32_linear(m, n, k, with_bias):
     assert_close_bf16(cpu.extension().dense_gemm_decode(x, w, bias), ref)
 
 
-def test_dense_linear_takes_the_gemv_for_few_rows_and_onednn_above(monkeypatch):
+def test_dense_linear_takes_the_gemv_then_the_blocked_gemm_then_onednn(monkeypatch):
+    """The dense path by rows: the GEMV up to ``dense_decode_rows``, the blocked GEMM on oneDNN's prepacked
+    weight up to ``blocked_gemm_max_rows``, oneDNN's own GEMM above; each within bf16 rounding of oneDNN's."""
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
     monkeypatch.setattr(cpu.TUNING, "code_exponents", False)  # the row-major GEMV (the coded one: below)
+    monkeypatch.setattr(cpu.TUNING, "blocked_gemm_max_rows", 6)
     w = sparse_weight(40, 96, 0.0)
     packed, plain = cpu.prepack_dense(w), cpu.prepack_dense(w, decode_rows=False)
-    assert packed.rows is not None and plain.rows is None
+    assert packed.rows is not None and plain.rows is None and packed.pairs is not None
     calls = []
-    gemv = cpu.extension().dense_gemm_decode
-    monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {"dense_gemm_decode": staticmethod(
-        lambda *a: calls.append(a[0].shape[0]) or gemv(*a))}))
-    for m in (1, 2, 3, 5):
+    ext = cpu.extension()
+    recorder = type("Ext", (), {name: staticmethod(lambda *a, f=getattr(ext, name), name=name: calls.append(
+        (name, a[0].shape[0])) or f(*a)) for name in ("dense_gemm_decode", "dense_gemm_blocked")})
+    monkeypatch.setattr(cpu, "extension", lambda: recorder)
+    for m in (1, 2, 3, 6, 7):
         x = torch.randn(m, 96).bfloat16()
-        assert_close_bf16(cpu.dense_linear(x, packed), cpu.dense_linear(x, plain))
-    assert calls == [1, 2]  # TUNING.dense_decode_rows(40, 96): oneDNN from three rows
+        ref = torch.ops.mkldnn._linear_pointwise(x, plain.weight, None, "none", [], "")
+        assert_close_bf16(cpu.dense_linear(x, packed), ref)
+        assert_close_bf16(cpu.bind_dense(packed, None)(x), ref)
+    twice = lambda name, m: [(name, m)] * 2  # noqa: E731 - dense_linear, then the bound forward
+    assert calls == [*twice("dense_gemm_decode", 1), *twice("dense_gemm_decode", 2),
+                     *twice("dense_gemm_blocked", 3), *twice("dense_gemm_blocked", 6)]  # 7 rows: oneDNN
+
+
+@pytest.mark.parametrize("m", [1, 3, 6, 7, 13, 17, 64])
+@pytest.mark.parametrize("n, k", [(37, 72), (24, 129), (130, 40), (64, 256), (5, 31), (200, 576)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_blocked_gemm_equals_a_float32_linear(m, n, k, with_bias):
+    """``dense_gemm_blocked`` reads oneDNN's prepacked weight in place: rows past N and columns past K (the
+    form's zero padding), row groups of up to 6 and their remainders, with and without bias."""
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    form = cpu.blocked_form(n, k)
+    if form is None:
+        pytest.skip(f"oneDNN prepacks a {n}x{k} weight in another form here")
+    w = sparse_weight(n, k, 0.0, seed=n * k)
+    x = torch.randn(m, k).bfloat16()
+    bias = torch.randn(n).bfloat16() if with_bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float()).bfloat16()
+    prepacked = torch.ops.mkldnn._reorder_linear_weight(w)
+    y = cpu.extension().dense_gemm_blocked(x, prepacked, form.pairs, bias)
+    assert_close_bf16(y, ref)
+    assert_close_bf16(cpu.extension().dense_gemm_blocked(x.t().contiguous().t(), prepacked, form.pairs, bias), ref)
+
+
+def test_blocked_gemm_names_bad_input():
+    if not cpu.avx512_available():
+        pytest.skip(cpu.avx512_unavailable_reason())
+    w = sparse_weight(64, 64, 0.0)
+    ext, x = cpu.extension(), torch.randn(3, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="oneDNN prepacked"):
+        ext.dense_gemm_blocked(x, w, 32, None)  # a plain tensor
+    with pytest.raises(RuntimeError, match="too few for K"):
+        ext.dense_gemm_blocked(x, torch.ops.mkldnn._reorder_linear_weight(w), 16, None)
+    with pytest.raises(RuntimeError, match="x's K"):
+        ext.dense_gemm_blocked(torch.randn(3, 32).bfloat16(), torch.ops.mkldnn._reorder_linear_weight(w), 32, None)
 
 
 def test_dense_decode_rows_follow_the_weight_shape():
