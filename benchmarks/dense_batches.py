@@ -32,7 +32,6 @@ from tqdm import tqdm
 from common import run_facts, variant_checkpoints  # first: takes this folder off sys.path
 
 from kernels.cpu import TUNING, PrepackedDense, extension  # noqa: E402
-from kernels.linear import PrepackedLinear  # noqa: E402
 
 PROMPT = list(range(100, 140))
 LAYER_PARTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
