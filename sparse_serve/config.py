@@ -29,7 +29,8 @@ class ModelConfig(_Strict):
     dense: bool = Field(False, description="decompress sparse weights and serve dense (the baseline)")
     kernel: str | None = Field(None, description="force a sparse kernel (cpu_avx512, cpu_dense, reference)")
     dense_gemv: bool = Field(True, description="also keep dense weights row-major for the AVX-512 decode GEMV "
-                                               "(1.2-2.5x oneDNN at one row; one more copy of each untied dense weight)")
+                                               "(one more copy of each untied dense weight; without it the blocked "
+                                               "GEMM takes one and two rows: a decode step ~0.9x as fast)")
     argmax_screen: bool = Field(True, description="greedy steps pick the token through an int8 screen of the LM "
                                                   "head (exact: the full head's argmax, ties included; the head "
                                                   "1.4-1.9x faster on SmolLM2; half its bf16 bytes more memory)")
