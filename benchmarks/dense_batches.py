@@ -20,10 +20,11 @@ Prints two tables (medians over rounds, ratios as medians of per-round ratios), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -93,6 +94,16 @@ def linears(model, batches: list[int], rounds: int) -> list[Point]:
     return points
 
 
+@contextlib.contextmanager
+def tuning(blocked_rows: int) -> Iterator[None]:
+    """``TUNING.blocked_gemm_max_rows`` set to ``blocked_rows`` for the block, then restored."""
+    saved, TUNING.blocked_gemm_max_rows = TUNING.blocked_gemm_max_rows, blocked_rows
+    try:
+        yield
+    finally:
+        TUNING.blocked_gemm_max_rows = saved
+
+
 class Engine:
     """A dense engine whose linears were bound with ``blocked_rows`` as ``TUNING.blocked_gemm_max_rows``."""
 
@@ -119,17 +130,6 @@ class Engine:
             for _ in range(steps):
                 engine.step()
             return (time.perf_counter() - start) / steps * 1e3
-
-
-class tuning:  # noqa: N801 - a context manager named for what it sets
-    def __init__(self, blocked_rows: int):
-        self.blocked_rows, self.saved = blocked_rows, TUNING.blocked_gemm_max_rows
-
-    def __enter__(self) -> None:
-        TUNING.blocked_gemm_max_rows = self.blocked_rows
-
-    def __exit__(self, *exc) -> None:
-        TUNING.blocked_gemm_max_rows = self.saved
 
 
 def engine_steps(batches: list[int], rounds: int, steps: int) -> list[Point]:

@@ -31,7 +31,8 @@ Contract:
   a few rows when the weight was kept row-major (``prepack_dense(decode_rows=True)``;
   ``CpuTuning.dense_decode_rows``: how many rows depends on the weight's shape), then up to
   ``blocked_gemm_max_rows`` the extension's blocked GEMM (``dense_gemm_blocked``), which reads oneDNN's
-  prepacked weight in place where it is in the blocked form (no copy), and oneDNN's prepacked linear above. A weight whose high bytes take at most 16 values is kept exponent-coded for it
+  prepacked weight in place where it is in the blocked form (no copy), and oneDNN's prepacked linear above.
+  A weight whose high bytes take at most 16 values is kept exponent-coded for the GEMV
   instead (``coded_gemm_decode``, :mod:`kernels.exponent_coding`): lossless, 0.75x the bytes, the same sums.
 """
 

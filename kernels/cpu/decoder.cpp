@@ -49,16 +49,15 @@ namespace sparse_serve_decoder {
 
 // One linear as kernels/cpu/__init__.py binds it for decode-sized batches (bind_avx512, bind_dense).
 struct Linear {
-  enum class Kind { kSparse, kDense, kCoded, kBlocked };
+  enum class Kind { kSparse, kDense, kCoded };
   Kind kind = Kind::kDense;
-  std::vector<torch::Tensor> weight;  // sparse: masks, values, row_offsets; dense: w [N, K]; coded: low, codes, table;
-                                      // blocked: oneDNN's prepacked weight
+  std::vector<torch::Tensor> weight;  // sparse: masks, values, row_offsets; dense: w [N, K]; coded: low, codes, table
   c10::optional<torch::Tensor> bias;  // float32 [N]
   std::vector<int64_t> loops;         // sparse: the decode loop per pass size
   int64_t max_rows = 0;               // the most activation rows this kernel takes
-  int64_t pairs = 0;                  // blocked: column pairs a row of the prepacked weight
-  c10::optional<torch::Tensor> blocked;  // dense or coded: the prepacked weight that takes rows past max_rows
-  int64_t blocked_rows = 0;              // ... up to this many
+  c10::optional<torch::Tensor> blocked;  // dense or coded: oneDNN's prepacked weight, which takes rows past max_rows
+  int64_t pairs = 0;                     // ... column pairs a row of it
+  int64_t blocked_rows = 0;              // ... up to this many rows
 
   static Linear make_sparse(torch::Tensor masks, torch::Tensor values, torch::Tensor row_offsets,
                             c10::optional<torch::Tensor> bias, std::vector<int64_t> loops, int64_t max_rows) {
@@ -73,8 +72,8 @@ struct Linear {
     return {Kind::kCoded, {std::move(low), std::move(codes), std::move(table)}, std::move(bias), {}, max_rows};
   }
   static Linear make_blocked(torch::Tensor prepacked, int64_t pairs, c10::optional<torch::Tensor> bias,
-                             int64_t max_rows) {
-    return {Kind::kBlocked, {std::move(prepacked)}, std::move(bias), {}, max_rows, pairs};
+                             int64_t max_rows) {  // no GEMV: every row count takes the blocked GEMM
+    return Linear{Kind::kDense, {}, std::move(bias), {}, 0}.with_blocked(std::move(prepacked), pairs, max_rows);
   }
   Linear with_blocked(torch::Tensor prepacked, int64_t blocked_pairs, int64_t rows) const {
     TORCH_CHECK(kind == Kind::kDense || kind == Kind::kCoded, "only a dense GEMV hands its larger batches on");
@@ -90,7 +89,6 @@ struct Linear {
     switch (kind) {
       case Kind::kSparse: return bitmask_gemm_decode(x, weight[0], weight[1], weight[2], bias, loops);
       case Kind::kCoded: return coded_gemm_decode(x, weight[0], weight[1], weight[2], bias);
-      case Kind::kBlocked: return dense_gemm_blocked(x, weight[0], pairs, bias);
       default: return dense_gemm_decode(x, weight[0], bias);
     }
   }

@@ -99,7 +99,11 @@ def test_compiled_decoder_linears_are_the_bound_forward(with_bias):
     dense = PrepackedLinear(linear)
     sparse = SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), linear.bias)
     dense_rows = cpu.TUNING.blocked_gemm_max_rows if dense.packed.pairs else cpu.TUNING.dense_decode_rows(48, 72)
-    for module, rows in ((dense, dense_rows), (sparse, cpu.TUNING.decode_rows(72))):
+    modules = [(dense, dense_rows), (sparse, cpu.TUNING.decode_rows(72))]
+    no_gemv = PrepackedLinear(linear, decode_rows=False)  # every row on the blocked GEMM
+    if no_gemv.packed.pairs:
+        modules.append((no_gemv, cpu.TUNING.blocked_gemm_max_rows))
+    for module, rows in modules:
         native = module.native()
         assert native.max_rows == rows
         for m in range(1, rows + 1):
