@@ -204,7 +204,7 @@ def overfull_windows(bitmask: Tensor) -> float:
 @dataclass
 class CpuTuning:
     """Where the AVX-512 kernel hands over to decompress + dense GEMM, measured on Zen 4: decoding (in
-    passes of 8 rows) beats the GEMM up to 16 rows. Above that the weight is decompressed into a reused
+    passes of 8 rows) beats the GEMM up to 16 rows (and now the panels from 13, below). Above that the weight is decompressed into a reused
     scratch buffer of up to ``tile_bytes`` and multiplied in one GEMM: at 40 prompt rows one GEMM on
     the whole decompressed weight ran 1.7-1.9x faster than 256-row tiles (SmolLM2's shapes, see
     benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use it). Only weights
@@ -229,7 +229,11 @@ class CpuTuning:
     threads, same process): at 9-10 rows the decode kernel ran 0.97-1.49x the panels' speed (below 1x
     only at 50% and 10 rows), at 11-12 rows (passes of 8) the panels won on 10 of 12 points. So the
     decode kernel takes up to ``decode_max_rows`` rows, and up to ``wide_decode_max_rows`` on wider
-    weights (:meth:`decode_rows`). Weights
+    weights (:meth:`decode_rows`). Once the panels prefetched the next panel (``PanelAhead`` in
+    bitmask_linear.cpp; 1.05-1.32x at 16-48 rows on short weight rows), on 576-2048 columns (1536x576,
+    576x1536, 2048x2048; two threads, 50% and 70%, same process, throwaway script) the panels ran 0.90-1.17x
+    the decode kernel's speed at 12 rows (three of six points under 1x), 1.04-1.29x at 14 rows and 1.13-1.40x
+    at 16: ``decode_max_rows`` went from 16 to 12. Weights
     with at most ``pairs_max_density`` nonzero column pairs (random masks: 0.36 at 80% sparsity, 0.28
     at 85%, 0.19 at 90%) take the pair gather instead, which multiplies only those: the two tied at 80%,
     the pair gather won at 85% (1.02-1.04x against 0.90-0.96x) and 90% (1.35-1.52x against 0.98x).
@@ -270,7 +274,7 @@ class CpuTuning:
     with the blocked GEMM at one row ran 0.82x as fast (9.38 against 7.61 ms, same process); at two rows they
     tied, so the GEMV keeps its rows."""
 
-    decode_max_rows: int = 16
+    decode_max_rows: int = 12
     wide_cols: int = 2048
     wide_decode_max_rows: int = 10
     panels_max_rows: int = 192
@@ -479,10 +483,10 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
         plan = decode_plan()
         loops = plan.windowed if packed.windowed else plan.plain  # a tuple: the binding takes any sequence
         return extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias, loops)
-    sparse_enough = packed.pair_density <= TUNING.pairs_max_density  # the pair gather multiplies fewer pairs
-    if x.shape[0] <= (TUNING.pairs_max_rows if sparse_enough else TUNING.panels_max_rows):
+    gather, most = many_rows_path(packed)
+    if x.shape[0] <= most:
         ext = extension()
-        many_rows = ext.bitmask_gemm_pairs if sparse_enough else ext.bitmask_gemm_panels
+        many_rows = ext.bitmask_gemm_pairs if gather else ext.bitmask_gemm_panels
         return many_rows(x, packed.masks, packed.values, packed.row_offsets, bias)
     weight = blocked_weight(packed) if TUNING.tile_rows is None else None
     if weight is not None:
@@ -500,6 +504,13 @@ def apply_avx512(x: Tensor, packed: PackedBitmask, bias: Tensor | None = None) -
         torch.matmul(x, tile.T, out=y[:, begin:end]) if bias is None else \
             torch.addmm(bias[begin:end], x, tile.T, out=y[:, begin:end])
     return y
+
+
+def many_rows_path(packed: PackedBitmask) -> tuple[bool, int]:
+    """Past the decode kernel's rows: whether ``packed`` takes the pair gather (few nonzero column pairs: it
+    multiplies fewer) rather than the panels, and the most rows that takes before the weight is decompressed."""
+    gather = packed.pair_density <= TUNING.pairs_max_density
+    return gather, TUNING.pairs_max_rows if gather else TUNING.panels_max_rows
 
 
 def _check_input(x: Tensor, shape: tuple[int, int]) -> None:
@@ -528,15 +539,17 @@ def bind_avx512(packed: PackedBitmask, bias: Tensor | None) -> Callable[[Tensor]
 
 
 def native_avx512(packed: PackedBitmask, bias: Tensor | None) -> object | None:
-    """:func:`bind_avx512`'s decode path as a linear of the compiled decoder (its loops: this process's
-    :func:`decode_plan`, fixed now), for up to ``TUNING.decode_rows(K)`` rows."""
+    """:func:`bind_avx512`'s paths as a linear of the compiled decoder: the decode kernel (its loops: this
+    process's :func:`decode_plan`, fixed now) up to ``TUNING.decode_rows(K)`` rows, then the panels or the
+    pair gather as :func:`apply_avx512` picks them, up to where it would decompress."""
     ext = decoder_extension()
     if isinstance(ext, str):
         return None
-    plan = decode_plan()
-    return ext.Linear.sparse(packed.masks, packed.values, packed.row_offsets, _float_bias(bias),
-                             list(plan.windowed if packed.windowed else plan.plain),
-                             TUNING.decode_rows(packed.shape[1]))
+    plan, (gather, most) = decode_plan(), many_rows_path(packed)
+    linear = ext.Linear.sparse(packed.masks, packed.values, packed.row_offsets, _float_bias(bias),
+                               list(plan.windowed if packed.windowed else plan.plain),
+                               TUNING.decode_rows(packed.shape[1]))
+    return linear.with_many_rows(most, gather)
 
 
 register(Kernel(

@@ -31,6 +31,10 @@
 torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& masks, const torch::Tensor& values,
                                   const torch::Tensor& row_offsets, const c10::optional<torch::Tensor>& bias,
                                   const std::vector<int64_t>& loops);
+torch::Tensor bitmask_gemm_panels(const torch::Tensor& x, const torch::Tensor& masks, const torch::Tensor& values,
+                                  const torch::Tensor& row_offsets, const c10::optional<torch::Tensor>& bias);
+torch::Tensor bitmask_gemm_pairs(const torch::Tensor& x, const torch::Tensor& masks, const torch::Tensor& values,
+                                 const torch::Tensor& row_offsets, const c10::optional<torch::Tensor>& bias);
 torch::Tensor dense_gemm_decode(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
 torch::Tensor coded_gemm_decode(const torch::Tensor& x, const torch::Tensor& low, const torch::Tensor& codes,
                                 const torch::Tensor& table, const c10::optional<torch::Tensor>& bias);
@@ -58,6 +62,8 @@ struct Linear {
   c10::optional<torch::Tensor> blocked;  // dense or coded: oneDNN's prepacked weight, which takes rows past max_rows
   int64_t pairs = 0;                     // ... column pairs a row of it
   int64_t blocked_rows = 0;              // ... up to this many rows
+  int64_t many_rows = 0;     // sparse: rows past max_rows, up to this many, take the panels or the pair gather
+  bool pair_gather = false;  // ... the pair gather (a weight with few nonzero column pairs)
 
   static Linear make_sparse(torch::Tensor masks, torch::Tensor values, torch::Tensor row_offsets,
                             c10::optional<torch::Tensor> bias, std::vector<int64_t> loops, int64_t max_rows) {
@@ -83,9 +89,22 @@ struct Linear {
     out.blocked_rows = rows;
     return out;
   }
-  int64_t rows() const { return blocked ? std::max(max_rows, blocked_rows) : max_rows; }
+  Linear with_many_rows(int64_t rows, bool gather) const {
+    TORCH_CHECK(kind == Kind::kSparse, "only the sparse decode kernel hands its larger batches to the panels");
+    Linear out = *this;
+    out.many_rows = rows;
+    out.pair_gather = gather;
+    return out;
+  }
+  int64_t rows() const { return std::max({max_rows, blocked ? blocked_rows : 0, many_rows}); }
   torch::Tensor operator()(const torch::Tensor& x) const {  // x [T, K] -> [T, N]
-    if (blocked && x.size(0) > max_rows) return dense_gemm_blocked(x, *blocked, pairs, bias);
+    if (x.size(0) > max_rows) {
+      if (blocked) return dense_gemm_blocked(x, *blocked, pairs, bias);
+      if (many_rows > 0) {
+        const auto& many = pair_gather ? bitmask_gemm_pairs : bitmask_gemm_panels;
+        return many(x, weight[0], weight[1], weight[2], bias);
+      }
+    }
     switch (kind) {
       case Kind::kSparse: return bitmask_gemm_decode(x, weight[0], weight[1], weight[2], bias, loops);
       case Kind::kCoded: return coded_gemm_decode(x, weight[0], weight[1], weight[2], bias);
@@ -159,6 +178,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_static("coded", &d::Linear::make_coded, "the dense decode GEMV on an exponent-coded bf16 weight")
       .def_static("blocked", &d::Linear::make_blocked, "the blocked GEMM on oneDNN's prepacked bf16 weight")
       .def("with_blocked", &d::Linear::with_blocked, "this GEMV, handing rows past its own to the blocked GEMM")
+      .def("with_many_rows", &d::Linear::with_many_rows,
+           "this sparse decode kernel, handing rows past its own to the panels (or the pair gather)")
       .def_property_readonly("max_rows", &d::Linear::rows)
       .def("__call__", &d::Linear::operator(), "y = x W^T + b for decode-sized x [T, K]");
   py::class_<d::Layer>(m, "Layer", py::module_local())

@@ -83,6 +83,20 @@ def test_rows_beyond_the_linears_take_the_python_loop(tiny_model_dir, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_sparse_rows_past_the_decode_kernel_stay_compiled(pruned_dirs, monkeypatch):
+    """A sparse linear hands the rows past the decode kernel's to the panels (or, for a weight with few nonzero
+    column pairs, the pair gather) inside the compiled decoder: with the decode kernel at two rows, steps of
+    five sequences still run compiled, equal to the Python loop."""
+    monkeypatch.setattr(cpu.TUNING, "decode_max_rows", 2)
+    compiled, python = (engine(pruned_dirs / "sparse", monkeypatch, way) for way in ("compiled", "python"))
+    assert compiled.runner.net.compiled.max_rows >= min(cpu.TUNING.panels_max_rows, cpu.TUNING.pairs_max_rows)
+    counter = compiled.runner.net.compiled = Counting(compiled.runner.net.compiled)
+    prompts = [list(range(3 + i, 30 + 5 * i)) for i in range(5)]
+    got, want = step_logits(compiled, prompts, 8), step_logits(python, prompts, 8)
+    assert counter.runs >= 6
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_run_names_the_rows_it_takes(tiny_model_dir, monkeypatch):
     decoder = engine(tiny_model_dir, monkeypatch, "compiled").runner.net.compiled
     rows = decoder.max_rows + 1

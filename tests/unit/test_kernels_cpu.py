@@ -91,15 +91,16 @@ def test_linear_modules_bind_their_forward():
 def test_compiled_decoder_linears_are_the_bound_forward(with_bias):
     """``native()``: the linear the compiled decoder calls (kernels/cpu/decoder.cpp) computes what the bound
     forward does, for every row count it declares (the sparse decode loops, the dense GEMV, then the blocked
-    GEMM)."""
+    GEMM; the sparse decode kernel's larger batches go to the panels or the pair gather)."""
     from kernels.linear import PrepackedLinear
 
     kernel_or_skip("cpu_avx512")
     linear = torch.nn.Linear(72, 48, bias=with_bias).bfloat16()
     dense = PrepackedLinear(linear)
-    sparse = SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), linear.bias)
+    sparse, sparser = (SparseLinear.from_bitmask(compress(sparse_weight(48, 72, s)), linear.bias) for s in (0.7, 0.9))
+    assert sparser.packed.pair_density <= cpu.TUNING.pairs_max_density < sparse.packed.pair_density
     dense_rows = cpu.TUNING.blocked_gemm_max_rows if dense.packed.pairs else cpu.TUNING.dense_decode_rows(48, 72)
-    modules = [(dense, dense_rows), (sparse, cpu.TUNING.decode_rows(72))]
+    modules = [(dense, dense_rows), (sparse, cpu.TUNING.panels_max_rows), (sparser, cpu.TUNING.pairs_max_rows)]
     no_gemv = PrepackedLinear(linear, decode_rows=False)  # every row on the blocked GEMM
     if no_gemv.packed.pairs:
         modules.append((no_gemv, cpu.TUNING.blocked_gemm_max_rows))
@@ -111,7 +112,7 @@ def test_compiled_decoder_linears_are_the_bound_forward(with_bias):
             assert torch.equal(native(x), module.bound()(x))
     assert SparseLinear.from_bitmask(compress(sparse_weight(48, 72, 0.7)), force="reference").native() is None
     wide = SparseLinear.from_bitmask(compress(sparse_weight(8, cpu.TUNING.wide_cols + 32, 0.7)))
-    assert wide.native().max_rows == cpu.TUNING.wide_decode_max_rows  # the panels take more rows
+    assert wide.native().max_rows == cpu.TUNING.panels_max_rows  # past wide_decode_max_rows, the panels
 
 
 @pytest.mark.parametrize("decode_max_rows, tile_rows", [(0, 16), (0, 50), (200, 512)])
@@ -310,8 +311,9 @@ def test_pair_density_counts_column_pairs_with_a_nonzero():
 
 
 def test_apply_takes_panels_or_the_pair_gather_for_a_few_dozen_rows(monkeypatch):
-    """17 to ``panels_max_rows`` rows take the panel GEMM, up to ``pairs_max_rows`` the pair gather for a
-    90% sparse weight; more rows decompress (into oneDNN's blocked form where it is that); 16 decode."""
+    """``decode_max_rows`` + 1 to ``panels_max_rows`` rows take the panel GEMM, up to ``pairs_max_rows`` the pair
+    gather for a 90% sparse weight; more rows decompress (into oneDNN's blocked form where it is that); up to
+    ``decode_max_rows`` decode."""
     if not cpu.avx512_available():
         pytest.skip(cpu.avx512_unavailable_reason())
     sparse, denser = (cpu.pack_avx512(compress(sparse_weight(48, 256, s))) for s in (0.9, 0.7))
@@ -324,10 +326,10 @@ def test_apply_takes_panels_or_the_pair_gather_for_a_few_dozen_rows(monkeypatch)
     monkeypatch.setattr(cpu, "extension", lambda: type("Ext", (), {
         name: staticmethod(lambda *a, _f=getattr(ext, name), _n=name: calls.append(_n) or _f(*a))
         for name in recorded} | {"blocked_weight_view": staticmethod(ext.blocked_weight_view)}))
-    panels, pairs = cpu.TUNING.panels_max_rows, cpu.TUNING.pairs_max_rows
-    assert cpu.TUNING.decode_rows(256) < panels < pairs
-    for m, packed in ((17, denser), (panels, denser), (17, sparse), (pairs, sparse), (panels + 1, denser),
-                      (pairs + 1, sparse), (16, denser)):
+    panels, pairs, decode = cpu.TUNING.panels_max_rows, cpu.TUNING.pairs_max_rows, cpu.TUNING.decode_rows(256)
+    assert decode < panels < pairs
+    for m, packed in ((decode + 1, denser), (panels, denser), (decode + 1, sparse), (pairs, sparse),
+                      (panels + 1, denser), (pairs + 1, sparse), (decode, denser)):
         cpu.apply_avx512(torch.randn(m, 256).bfloat16(), packed)
     assert calls == ["bitmask_gemm_panels", "bitmask_gemm_panels", "bitmask_gemm_pairs", "bitmask_gemm_pairs",
                      decompress, decompress, "bitmask_gemm_decode"]
