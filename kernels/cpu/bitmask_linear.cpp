@@ -651,9 +651,9 @@ constexpr int64_t kPanelPrefetchBytes = 1024;
 // consecutive in both arrays, so the next panel is two contiguous ranges. The per-row prefetch above reaches
 // kPanelPrefetchBytes ahead, which on short rows (SmolLM2's: 576 values, 50% sparse: 576 bytes) is the next
 // row or two, so each panel began by waiting on memory for its rows. Same-process A/B of two builds, weights
-// from memory, two threads, 50% and 70%: 1.10-1.42x at 16-32 rows on 1536x576 and 576x1536, 1.05-1.15x on
-// 4096x4096 and 11008x4096, 1.01x on 4096x11008; at 48 rows 1.03-1.18x; at 64 rows (G = 4) 0.94-0.98x, so
-// not there.
+// from memory, two threads, 50% and 70%, two runs: 1.05-1.42x at 16-32 rows on 1536x576 and 576x1536,
+// 1.00-1.15x on 4096x4096 and 11008x4096, 0.99-1.01x on 4096x11008; at 48 rows 1.03-1.18x; at 64 rows (G = 4)
+// 0.94-0.98x, so not there.
 constexpr int kPanelAheadMaxGroups = 3;
 
 class PanelAhead {
