@@ -204,11 +204,11 @@ def overfull_windows(bitmask: Tensor) -> float:
 @dataclass
 class CpuTuning:
     """Where the AVX-512 kernel hands over to decompress + dense GEMM, measured on Zen 4: decoding (in
-    passes of 8 rows) beats the GEMM up to 16 rows (and now the panels from 13, below). Above that the weight is decompressed into a reused
-    scratch buffer of up to ``tile_bytes`` and multiplied in one GEMM: at 40 prompt rows one GEMM on
-    the whole decompressed weight ran 1.7-1.9x faster than 256-row tiles (SmolLM2's shapes, see
-    benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use it). Only weights
-    whose share of 64-column windows with more than 32 nonzeros is at most ``window_max_overfull`` may
+    passes of 8 rows) beat the GEMM up to 16 rows (the panels now take over earlier, below). Above that the
+    weight is decompressed into a reused scratch buffer of up to ``tile_bytes`` and multiplied in one GEMM:
+    at 40 prompt rows one GEMM on the whole decompressed weight ran 1.7-1.9x faster than 256-row tiles
+    (SmolLM2's shapes, see benchmarks/kernels.py). ``tile_rows`` overrides the rows per tile (the tests use
+    it). Only weights whose share of 64-column windows with more than 32 nonzeros is at most ``window_max_overfull`` may
     take the windowed decode loop (bitmask_linear.cpp). Which decode loop is fastest depends on the
     machine, not only the CPU model: on one Zen 4 VM the windowed loop was 1.3-1.9x faster than the
     expanding ones at one row and 70% sparsity and the streaming loop beat rows in flight by 1.2-1.8x;

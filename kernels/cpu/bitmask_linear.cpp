@@ -672,10 +672,15 @@ class PanelAhead {
 
   void step() {  // once per chunk of the current panel
     for (int64_t i = 0; i < per_chunk_; ++i) {
-      const char*& line = masks_ < masks_end_ ? masks_ : values_;
-      if (line == values_ && values_ >= values_end_) return;
-      _mm_prefetch(line, _MM_HINT_T1);
-      line += 64;
+      if (masks_ < masks_end_) {
+        _mm_prefetch(masks_, _MM_HINT_T1);
+        masks_ += 64;
+      } else if (values_ < values_end_) {
+        _mm_prefetch(values_, _MM_HINT_T1);
+        values_ += 64;
+      } else {
+        return;
+      }
     }
   }
 
@@ -1187,8 +1192,8 @@ torch::Tensor dense_gemm_blocked(const torch::Tensor& x, const torch::Tensor& we
       const int64_t n0 = b * kBlockRows, live = std::min(kBlockRows, n - n0);
       for (int64_t g = 0, m0 = 0; g < groups; ++g) {  // row groups as even as they can be
         const int64_t mb = (m_rows - m0 + groups - g - 1) / (groups - g);
-        kBlockedTiles[mb - 1](wp + n0 * pairs, pairs, xp + m0 * pairs, pairs, bias_p == nullptr ? nullptr : bias_p + n0,
-                              yp + m0 * n + n0, n, live);
+        const float* block_bias = bias_p == nullptr ? nullptr : bias_p + n0;
+        kBlockedTiles[mb - 1](wp + n0 * pairs, pairs, xp + m0 * pairs, pairs, block_bias, yp + m0 * n + n0, n, live);
         m0 += mb;
       }
     }

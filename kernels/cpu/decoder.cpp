@@ -14,7 +14,8 @@
 //       a bound linear: the decode kernel with its loops, the dense GEMV on a row-major or exponent-coded
 //       weight (kernels/exponent_coding.py), or the blocked GEMM on oneDNN's prepacked weight; bias float32 or
 //       None. linear.with_blocked(prepacked, pairs, max_rows): a GEMV that hands rows past its own to the
-//       blocked GEMM
+//       blocked GEMM; linear.with_many_rows(max_rows, gather): a sparse decode kernel that hands them to the
+//       panels, or with gather to the pair gather
 //   Layer(input_norm, input_eps, post_norm, post_eps, qkv, o, gate_up, down, q_heads, kv_heads, head_dim, scale)
 //   Decoder(layers, final_norm, final_eps).run(h [T, D], cos, sin [T, d], slots [T], tables [T, nb], lens [T],
 //                                              caches [k0, v0, k1, v1, ...]) -> final_norm(h) [T, D]
