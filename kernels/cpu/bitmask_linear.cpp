@@ -133,12 +133,55 @@ class RowSums {
   int count_ = 0;
 };
 
+// The next block of weight rows (their masks and values), prefetched into L2 a few lines per chunk of the
+// current block: consecutive rows are consecutive in both arrays, so the next block is two contiguous ranges.
+// Loops that keep several rows in flight start all of a block's streams at once, and a per-row prefetch a
+// fixed distance ahead leaves each stream's first lines to wait on memory. The panels use it (see
+// kPanelAheadMaxGroups) and so do rows in flight: same-process A/B of two builds, weights from memory, two
+// threads, 50% and 70%: 1.13-1.34x at 4-8 activation rows on 4096x4096 and 11008x4096 (4 rows, 70%: 756 ->
+// 598 us, oneDNN 1047), 0.96-1.14x on 4096x11008, 0.96-1.08x on SmolLM2's shapes and 2048x2048 (noise there).
+class NextRowsAhead {
+ public:
+  // rows [begin, end) of the packed weight (empty: nothing to fetch)
+  NextRowsAhead(const uint32_t* masks, const bf16* values, const int64_t* row_offsets, int64_t kc, int64_t begin,
+                int64_t end) {
+    if (begin >= end) return;
+    masks_ = reinterpret_cast<const char*>(masks + begin * kc);
+    masks_end_ = reinterpret_cast<const char*>(masks + end * kc);
+    values_ = reinterpret_cast<const char*>(values + row_offsets[begin]);
+    // the last row's length is not known here; its bound is K values (a prefetch past the buffer does not fault)
+    values_end_ = reinterpret_cast<const char*>(values + row_offsets[end - 1] + kc * kChunk);
+    per_chunk_ = ((masks_end_ - masks_) + (values_end_ - values_)) / (64 * kc) + 1;
+  }
+
+  void step() {  // once per chunk of the current rows
+    for (int64_t i = 0; i < per_chunk_; ++i) {
+      if (masks_ < masks_end_) {
+        _mm_prefetch(masks_, _MM_HINT_T1);
+        masks_ += 64;
+      } else if (values_ < values_end_) {
+        _mm_prefetch(values_, _MM_HINT_T1);
+        values_ += 64;
+      } else {
+        return;
+      }
+    }
+  }
+
+ private:
+  const char* masks_ = nullptr;
+  const char* masks_end_ = nullptr;
+  const char* values_ = nullptr;
+  const char* values_end_ = nullptr;
+  int64_t per_chunk_ = 0;
+};
+
 // Adds to out[m * n_out + n] the products over chunks [c0, c1) for weight rows n0 .. n0+R-1 and
 // activation rows 0 .. MB-1; cursor[r] is where row n0+r's next chunk starts in values (advanced).
 template <int R, int MB>
 inline void rows_block(const uint32_t* masks, const bf16* values, int64_t* cursor, const bf16* x,
                        int64_t x_stride, int64_t kc, int64_t c0, int64_t c1, int64_t n0, float* out,
-                       int64_t n_out) {
+                       int64_t n_out, NextRowsAhead* ahead = nullptr) {
   __m512 acc[R][MB];
   const bf16* ptr[R];
   const uint32_t* mrow[R];
@@ -148,6 +191,7 @@ inline void rows_block(const uint32_t* masks, const bf16* values, int64_t* curso
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   }
   for (int64_t c = c0; c < c1; ++c) {
+    if (ahead != nullptr) ahead->step();
     __m512i w[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -175,6 +219,11 @@ inline void rows_block(const uint32_t* masks, const bf16* values, int64_t* curso
 
 // Weight rows in flight per activation-block size: R * MB accumulators stay in registers (<= 16 of 32),
 // and more independent popcount -> pointer chains hide the load latency at small MB.
+// In cache the loop is bound by Zen 4's two FMA pipes, which vpexpandw (1.5 cycles), kmovd (0.5) and
+// vdpbf16ps (1) all use: 4 activation rows take 6.5 cycles a weight-row chunk against 6.0 for those
+// instructions alone (one thread, 256x4096 at 70%). A windowed variant (vpcompressb of the column numbers,
+// activations permuted, one vdpbf16ps per 64 columns at 70%) measured no better: its kmovq, vpcompressb and
+// vpermt2w take the FMA pipes too (4 rows: 6.7-7.6 cycles a chunk).
 template <int MB>
 constexpr int rows_in_flight() {
   return MB <= 4 ? 4 : 2;
@@ -192,7 +241,8 @@ void gemv_rows(const uint32_t* masks, const bf16* values, const int64_t* row_off
   for (int64_t m = 0; m < MB; ++m) std::fill(out + m * n_out + begin, out + m * n_out + end, 0.0f);
   int64_t n = begin;
   for (; n + R <= end; n += R) {
-    rows_block<R, MB>(masks, values, cursor.data() + (n - begin), x, x_stride, kc, 0, kc, n, out, n_out);
+    NextRowsAhead ahead(masks, values, row_offsets, kc, n + R, std::min(end, n + 2 * R));
+    rows_block<R, MB>(masks, values, cursor.data() + (n - begin), x, x_stride, kc, 0, kc, n, out, n_out, &ahead);
   }
   for (; n < end; ++n) {
     rows_block<1, MB>(masks, values, cursor.data() + (n - begin), x, x_stride, kc, 0, kc, n, out, n_out);
@@ -647,50 +697,13 @@ constexpr PairFn kPairs[kPairMaxGroups] = {pair_rows<1>, pair_rows<2>, pair_rows
 // 4096x4096, 11008x4096 and 4096x11008 (18 of 18 points faster), 0.98-1.17x on SmolLM2's shapes.
 constexpr int64_t kPanelPrefetchBytes = 1024;
 
-// The next panel's masks and values, prefetched into L2 a few lines per chunk of this panel. A panel's rows are
-// consecutive in both arrays, so the next panel is two contiguous ranges. The per-row prefetch above reaches
-// kPanelPrefetchBytes ahead, which on short rows (SmolLM2's: 576 values, 50% sparse: 576 bytes) is the next
-// row or two, so each panel began by waiting on memory for its rows. Same-process A/B of two builds, weights
-// from memory, two threads, 50% and 70%, two runs: 1.05-1.42x at 16-32 rows on 1536x576 and 576x1536,
-// 1.00-1.15x on 4096x4096 and 11008x4096, 0.99-1.01x on 4096x11008; at 48 rows 1.03-1.18x; at 64 rows (G = 4)
-// 0.94-0.98x, so not there.
+// The next panel's masks and values, prefetched into L2 a few lines per chunk of this panel (NextRowsAhead). The
+// per-row prefetch above reaches kPanelPrefetchBytes ahead, which on short rows (SmolLM2's: 576 values, 50%
+// sparse: 576 bytes) is the next row or two, so each panel began by waiting on memory for its rows. Same-process
+// A/B of two builds, weights from memory, two threads, 50% and 70%, two runs: 1.05-1.42x at 16-32 rows on
+// 1536x576 and 576x1536, 1.00-1.15x on 4096x4096 and 11008x4096, 0.99-1.01x on 4096x11008; at 48 rows
+// 1.03-1.18x; at 64 rows (G = 4) 0.94-0.98x, so not there.
 constexpr int kPanelAheadMaxGroups = 3;
-
-class PanelAhead {
- public:
-  // rows [begin, end) of the packed weight (empty: nothing to fetch)
-  PanelAhead(const uint32_t* masks, const bf16* values, const int64_t* row_offsets, int64_t kc, int64_t begin,
-             int64_t end) {
-    if (begin >= end) return;
-    masks_ = reinterpret_cast<const char*>(masks + begin * kc);
-    masks_end_ = reinterpret_cast<const char*>(masks + end * kc);
-    values_ = reinterpret_cast<const char*>(values + row_offsets[begin]);
-    // the last row's length is not known here; its bound is K values (a prefetch past the buffer does not fault)
-    values_end_ = reinterpret_cast<const char*>(values + row_offsets[end - 1] + kc * kChunk);
-    per_chunk_ = ((masks_end_ - masks_) + (values_end_ - values_)) / (64 * kc) + 1;
-  }
-
-  void step() {  // once per chunk of the current panel
-    for (int64_t i = 0; i < per_chunk_; ++i) {
-      if (masks_ < masks_end_) {
-        _mm_prefetch(masks_, _MM_HINT_T1);
-        masks_ += 64;
-      } else if (values_ < values_end_) {
-        _mm_prefetch(values_, _MM_HINT_T1);
-        values_ += 64;
-      } else {
-        return;
-      }
-    }
-  }
-
- private:
-  const char* masks_ = nullptr;
-  const char* masks_end_ = nullptr;
-  const char* values_ = nullptr;
-  const char* values_end_ = nullptr;
-  int64_t per_chunk_ = 0;
-};
 
 template <int NR>
 inline void expand_rows(const uint32_t* const* mrow, const bf16** ptr, int64_t c, int32_t (*buf)[16]) {
@@ -722,7 +735,7 @@ void panel_rows(const uint32_t* masks, const bf16* values, const int64_t* row_of
       mrow[r] = masks + row * kc;
       for (int g = 0; g < G; ++g) acc[g][r] = _mm512_setzero_ps();
     }
-    PanelAhead ahead(masks, values, row_offsets, kc, std::min(end, n0 + NR), std::min(end, n0 + 2 * NR));
+    NextRowsAhead ahead(masks, values, row_offsets, kc, std::min(end, n0 + NR), std::min(end, n0 + 2 * NR));
     expand_rows<NR>(mrow, ptr, 0, wbuf[0]);
     for (int64_t c = 0; c < kc; ++c) {
       if (G <= kPanelAheadMaxGroups) ahead.step();
