@@ -229,7 +229,7 @@ class CpuTuning:
     threads, same process): at 9-10 rows the decode kernel ran 0.97-1.49x the panels' speed (below 1x
     only at 50% and 10 rows), at 11-12 rows (passes of 8) the panels won on 10 of 12 points. So the
     decode kernel takes up to ``decode_max_rows`` rows, and up to ``wide_decode_max_rows`` on wider
-    weights (:meth:`decode_rows`). Once the panels prefetched the next panel (``PanelAhead`` in
+    weights (:meth:`decode_rows`). Once the panels prefetched the next panel (``NextRowsAhead`` in
     bitmask_linear.cpp; 1.03-1.42x at 16-48 rows on short weight rows), on 576-2048 columns (1536x576,
     576x1536, 2048x2048; two threads, 50% and 70%, same process, throwaway script) the panels ran 0.90-1.17x
     the decode kernel's speed at 12 rows (three of six points under 1x), 1.04-1.29x at 14 rows and 1.13-1.40x
