@@ -233,7 +233,11 @@ class CpuTuning:
     bitmask_linear.cpp; 1.03-1.42x at 16-48 rows on short weight rows), on 576-2048 columns (1536x576,
     576x1536, 2048x2048; two threads, 50% and 70%, same process, throwaway script) the panels ran 0.90-1.17x
     the decode kernel's speed at 12 rows (three of six points under 1x), 1.04-1.29x at 14 rows and 1.13-1.40x
-    at 16: ``decode_max_rows`` went from 16 to 12. Weights
+    at 16: ``decode_max_rows`` went from 16 to 12. Once passes of 8 rows and more went span by span (the
+    passes after the first read a span of ~256 KiB from L2; 1.02-1.14x at 11-16 rows on 4096-11008 columns),
+    the panels ran 0.88-0.97x the decode kernel's speed at 11 rows on 4096x4096, 11008x4096 and 4096x11008
+    (six of six points; 0.90-1.10x at 12 rows, 0.97-1.13x at 13): ``wide_decode_max_rows`` went from 10 to
+    11. Weights
     with at most ``pairs_max_density`` nonzero column pairs (random masks: 0.36 at 80% sparsity, 0.28
     at 85%, 0.19 at 90%) take the pair gather instead, which multiplies only those: the two tied at 80%,
     the pair gather won at 85% (1.02-1.04x against 0.90-0.96x) and 90% (1.35-1.52x against 0.98x).
@@ -276,7 +280,7 @@ class CpuTuning:
 
     decode_max_rows: int = 12
     wide_cols: int = 2048
-    wide_decode_max_rows: int = 10
+    wide_decode_max_rows: int = 11
     panels_max_rows: int = 192
     pairs_max_rows: int = 256
     pairs_max_density: float = 0.33

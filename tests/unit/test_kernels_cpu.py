@@ -201,6 +201,22 @@ def test_avx512_decode_loops(tuning, loop, m, k):
     assert_close_bf16(kernel.apply(x, kernel.pack(bitmask), bias), bitmask_linear_reference(x, bitmask, bias))
 
 
+@pytest.mark.parametrize("m", [11, 13, 16])  # passes of 8 and 3, 8 and 5, 8 and 8
+def test_avx512_decode_passes_span_by_span(m):
+    """Batches past one pass run their passes span by span (about 256 KiB of weight rows each, so the later
+    passes read it from L2): on a weight of several spans per thread the product equals the reference."""
+    kernel_or_skip("cpu_avx512")
+    w = sparse_weight(1200, 1024, 0.5, seed=m)  # ~1.1 KiB a row: ~230 rows a span, 600 rows a thread
+    x = torch.randn(m, 1024).bfloat16()
+    bias = torch.randn(1200).bfloat16()
+    bitmask = compress(w)
+    packed = cpu.pack_avx512(bitmask)
+    for loops in ([cpu.LOOPS["rows"]] * cpu.MAX_PASS, [cpu.LOOPS["stream"]] * cpu.MAX_PASS):
+        y = cpu.extension().bitmask_gemm_decode(x, packed.masks, packed.values, packed.row_offsets, bias.float(),
+                                                 loops)
+        assert_close_bf16(y, bitmask_linear_reference(x, bitmask, bias))
+
+
 def test_random_packed_weight_is_consistent():
     """The calibration's synthetic weight: ~25% of its mask bits set, row offsets the running popcount, and
     the kernel's product equal to the product with its decompressed rows."""
