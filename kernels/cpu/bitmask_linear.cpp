@@ -892,10 +892,9 @@ torch::Tensor bitmask_gemm_decode(const torch::Tensor& x, const torch::Tensor& m
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     if (m_rows > kMaxBlock && m_rows <= kMaxSinglePass) {
       kRowsSinglePass[m_rows - kMaxBlock - 1](mp, vp, op, xbase, x_stride, kc, begin, end, out, n);
-    } else if (m_rows <= kMaxBlock) {
-      rows_fn(m_rows, x_stride, loops[m_rows - 1])(mp, vp, op, xbase, x_stride, kc, begin, end, out, n);
     } else {
-      const int64_t span = pass_span_rows(op, kc, begin, end);
+      // one pass runs over all its rows; several go span by span
+      const int64_t span = m_rows <= kMaxBlock ? end - begin : pass_span_rows(op, kc, begin, end);
       for (int64_t s0 = begin; s0 < end; s0 += span) {
         const int64_t s1 = std::min(end, s0 + span);
         for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxBlock) {
